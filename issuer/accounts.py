@@ -1,0 +1,89 @@
+"""Accounts: register, check a password, log out everywhere, delete."""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from issuer import store
+from issuer.errors import EmailTaken, InvalidCredentials, InvalidRequest, WrongPassword
+from issuer.passwords import Passwords
+from issuer.store import User
+
+MAX_EMAIL_LENGTH = 254
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+
+
+def normalize_email(value: object) -> str:
+    """Trim and lower-case; enforce the contract's shape. Lengths are in code points."""
+    if not isinstance(value, str):
+        raise InvalidRequest("'email' must be a string.")
+    email = value.strip().lower()
+    if len(email) > MAX_EMAIL_LENGTH:
+        raise InvalidRequest(f"'email' must be at most {MAX_EMAIL_LENGTH} characters.")
+    local, at, domain = email.partition("@")
+    if not at or not local or not domain or "@" in domain:
+        raise InvalidRequest("'email' must contain one '@' with a local part and a domain.")
+    if any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in email):
+        raise InvalidRequest("'email' must not contain spaces or control characters.")
+    return email
+
+
+def check_password_shape(value: object, *, new: bool) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest("'password' must be a string.")
+    if len(value) > MAX_PASSWORD_LENGTH:
+        raise InvalidRequest(f"'password' must be at most {MAX_PASSWORD_LENGTH} characters.")
+    if new and len(value) < MIN_PASSWORD_LENGTH:
+        raise InvalidRequest(f"'password' must be at least {MIN_PASSWORD_LENGTH} characters.")
+    if "\x00" in value:
+        raise InvalidRequest("'password' must not contain NUL characters.")
+    return value
+
+
+class Accounts:
+    def __init__(self, engine: AsyncEngine, passwords: Passwords) -> None:
+        self._engine = engine
+        self._passwords = passwords
+
+    async def register(self, email: str, password: str, *, now: datetime) -> User:
+        async with self._engine.connect() as conn:
+            if await store.user_by_email(conn, email) is not None:
+                raise EmailTaken()
+        user = User(
+            id=str(uuid.uuid4()),
+            email=email,
+            password_hash=await self._passwords.hash(password),
+            role="user",
+            token_version=0,
+        )
+        try:
+            async with self._engine.begin() as conn:
+                await store.insert_user(conn, user, now)
+        except store.DuplicateEmail:
+            raise EmailTaken() from None
+        return user
+
+    async def authenticate(self, email: str, password: str) -> User:
+        """The user for these credentials, or InvalidCredentials after the same work either way."""
+        async with self._engine.connect() as conn:
+            user = await store.user_by_email(conn, email)
+        ok = await self._passwords.verify(None if user is None else user.password_hash, password)
+        if user is None or not ok:
+            raise InvalidCredentials()
+        return user
+
+    async def logout_all(self, user_id: str, *, now: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await store.bump_token_version(conn, user_id)
+            await store.revoke_user_families(conn, user_id, now, "logout_all")
+
+    async def delete(self, user: User, password: str) -> None:
+        if not await self._passwords.verify(user.password_hash, password):
+            raise WrongPassword()
+        async with self._engine.begin() as conn:
+            await store.delete_user(conn, user.id)

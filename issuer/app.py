@@ -1,0 +1,130 @@
+"""``create_app(settings) -> Starlette``: routes, middleware, error handlers and the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from issuer.clock import Clock, system_clock
+from issuer.errors import IssuerError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response, render_error
+from issuer.routes import auth, health, wellknown
+from issuer.services import Services
+from issuer.settings import Settings
+
+log = logging.getLogger("issuer")
+
+
+def create_app(
+    settings: Settings | None = None, *, clock: Clock = system_clock, services: Services | None = None
+) -> Starlette:
+    settings = settings or Settings.from_environ()
+    services = services or Services.build(settings, clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.kek_is_dev:
+            log.warning(
+                "USING THE GENERATED DEVELOPMENT KEY-ENCRYPTION KEY (keys/dev-kek); "
+                "set ISSUER_KEK or ISSUER_KEK_FILE for anything but a laptop"
+            )
+        await services.keys.ensure_signing_key()
+        services.keys.start_reloading()
+        try:
+            yield
+        finally:
+            await services.keys.stop()
+            await services.engine.dispose()
+
+    app = Starlette(
+        routes=[*auth.routes, *wellknown.routes, *health.routes],
+        exception_handlers={
+            IssuerError: render_error,
+            HTTPException: _http_exception,
+            DBAPIError: _database_down,
+            PoolTimeout: _database_down,
+            OSError: _database_down,
+            TimeoutError: _database_down,
+            500: _server_error,
+        },
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.metadata = wellknown.metadata_document(settings)
+    app.add_middleware(ResponseHeaders, services=services)
+    return app
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed())
+    if exc.status_code == 404:
+        return error_response(NotFound())
+    return error_response(_GenericHTTPError(exc.status_code, exc.detail))
+
+
+class _GenericHTTPError(IssuerError):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status  # type: ignore[misc]
+        self.error = "invalid_request" if status < 500 else "server_error"  # type: ignore[misc]
+
+
+async def _database_down(request: Request, exc: Exception) -> Response:
+    services: Services = request.app.state.services
+    services.metrics.db_errors.inc()
+    log.error("database error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return error_response(ServiceUnavailable("The database is unavailable; retry shortly."))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return error_response(IssuerError())
+
+
+class ResponseHeaders:
+    """Security headers on every response, and per-route latency."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                headers.append((b"referrer-policy", b"no-referrer"))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            route = _route_name(scope)
+            self.services.metrics.latency.labels(route, scope["method"]).observe(time.perf_counter() - started)
+
+
+def _route_name(scope: Scope) -> str:
+    app = scope.get("app")
+    router = getattr(app, "router", None)
+    for route in getattr(router, "routes", []):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return getattr(route, "path", "other")
+    return "unmatched"

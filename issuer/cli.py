@@ -1,0 +1,162 @@
+"""The ``issuer`` command: parse arguments, call the same functions the server uses, print one line on error."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from issuer.clock import system_clock
+from issuer.db import create_engine
+from issuer.key_manager import KeyManager
+from issuer.keys import KeyDecryptionError, key_state
+from issuer.settings import ConfigError, Settings
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_environ()
+        return args.handler(settings, args) or 0
+    except (ConfigError, CommandError, KeyDecryptionError) as exc:
+        print(f"issuer: {exc}", file=sys.stderr)
+        return 1
+    except (DBAPIError, PoolTimeout, OSError, TimeoutError) as exc:
+        print(f"issuer: cannot reach the database ({_short(exc)})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _short(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="issuer", description="RS256 token issuer. Configured by environment.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the issuer with uvicorn", description="Run the issuer with uvicorn.")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(handler=_serve)
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the schema to the latest version", description="Apply Alembic migrations (idempotent)."
+    )
+    migrate.set_defaults(handler=_migrate)
+
+    keys = commands.add_parser("keys", help="manage signing keys", description="Manage signing keys.")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    listing = key_commands.add_parser(
+        "list",
+        help="show every key with its state and timestamps",
+        description="Show every signing key, its state and timestamps.",
+    )
+    listing.set_defaults(handler=_keys_list)
+    return parser
+
+
+def _run(factory: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    return asyncio.run(factory()) or 0
+
+
+# ---------------------------------------------------------------- serve / migrate
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    _run(lambda: _preflight(settings))
+    print(f"issuer: listening on http://{args.host}:{args.port} (iss {settings.issuer_url})", flush=True)
+    uvicorn.run(
+        "issuer.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=False,  # X-Forwarded-For is judged by TRUSTED_PROXIES in the app, not by uvicorn
+        server_header=False,
+    )
+    return 0
+
+
+async def _preflight(settings: Settings) -> None:
+    """Fail before uvicorn starts, with one line: unreachable database, missing schema, wrong KEK."""
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda sync_conn: set(inspect(sync_conn).get_table_names()))
+        if "signing_keys" not in tables:
+            raise CommandError("the database has no schema; run `issuer migrate` first")
+        keys = KeyManager(engine, settings, system_clock)
+        await keys.ensure_signing_key()
+    finally:
+        await engine.dispose()
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from issuer.migrate import upgrade
+
+    upgrade(settings.database_url)
+    print("issuer: schema is up to date")
+    return 0
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        try:
+            from issuer import store
+
+            async with engine.connect() as conn:
+                records = await store.all_keys(conn)
+        finally:
+            await engine.dispose()
+        now = system_clock()
+        grace = KeyManager.retire_grace(settings)
+        rows = [("KID", "STATE", "BITS", "PUBLISH_AT", "ACTIVATE_AT", "RETIRE_AT", "REVOKED_AT")]
+        for r in records:
+            rows.append(
+                (
+                    r.kid,
+                    key_state(r, now, grace).value,
+                    str(r.key_bits),
+                    _ts(r.publish_at),
+                    _ts(r.activate_at),
+                    _ts(r.retire_at),
+                    _ts(r.revoked_at),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+    return _run(run)
+
+
+def _ts(value: Any) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

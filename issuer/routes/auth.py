@@ -1,0 +1,248 @@
+"""The /auth endpoints. Handlers parse, call a service, and shape the response; errors are raised."""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from issuer.accounts import check_password_shape, normalize_email
+from issuer.errors import InvalidCredentials, InvalidGrant, InvalidRequest, RefreshTokenReused, ServiceUnavailable
+from issuer.families import IssuedRefresh
+from issuer.http import check_origin, client_ip, read_json_object, user_agent
+from issuer.services import Services
+from issuer.store import User
+from issuer.tokens import mint_access_token
+
+log = logging.getLogger("issuer.audit")
+
+COOKIE_NAME = "refresh_token"
+COOKIE_PATH = "/auth"
+TRANSPORTS = ("cookie", "body")
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def user_json(user: User) -> dict[str, str]:
+    return {"id": user.id, "email": user.email, "role": user.role}
+
+
+def _string_field(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        raise InvalidRequest(f"'{name}' is required.")
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be a string.")
+    return value
+
+
+async def register(request: Request) -> Response:
+    svc = services(request)
+    data = await read_json_object(request)
+    email = normalize_email(data["email"]) if "email" in data else _missing("email")
+    password = check_password_shape(data["password"], new=True) if "password" in data else _missing("password")
+    user = await svc.accounts.register(email, password, now=svc.clock())
+    log.info("account registered", extra={"event": "register", "user_id": user.id})
+    return JSONResponse({"user": user_json(user)}, status_code=201, headers=NO_STORE)
+
+
+def _missing(name: str) -> str:
+    raise InvalidRequest(f"'{name}' is required.")
+
+
+async def login(request: Request) -> Response:
+    svc = services(request)
+    data = await read_json_object(request)
+    transport = data.get("token_transport", "cookie")
+    if transport not in TRANSPORTS:
+        raise InvalidRequest("'token_transport' must be 'cookie' or 'body'.")
+    email = normalize_email(data["email"]) if "email" in data else _missing("email")
+    password = check_password_shape(data["password"], new=False) if "password" in data else _missing("password")
+    ip = client_ip(request, svc.settings)
+    try:
+        user = await svc.accounts.authenticate(email, password)
+    except InvalidCredentials:
+        svc.metrics.logins.labels("invalid_credentials").inc()
+        log.info("login failed", extra={"event": "login_failed", "ip": ip})
+        raise
+    now = svc.clock()
+    refresh = await svc.families.start(user, now=now, user_agent=user_agent(request), ip=ip)
+    svc.metrics.logins.labels("success").inc()
+    log.info("login", extra={"event": "login", "user_id": user.id, "family_id": refresh.family_id, "ip": ip})
+    return token_response(svc, user, refresh, now, transport)
+
+
+async def refresh(request: Request) -> Response:
+    svc = services(request)
+    data = await read_json_object(request, allow_empty=True)
+    if "refresh_token" in data:
+        presented, transport = _string_field(data, "refresh_token"), "body"
+    else:
+        check_origin(request, svc.settings)
+        presented, transport = request.cookies.get(COOKIE_NAME, ""), "cookie"
+    if not presented:
+        svc.metrics.refreshes.labels("missing").inc()
+        raise InvalidGrant("No refresh token was presented.")
+    ip = client_ip(request, svc.settings)
+    now = svc.clock()
+    try:
+        rotation = await svc.families.rotate(presented, now=now, ip=ip, user_agent=user_agent(request))
+    except RefreshTokenReused:
+        svc.metrics.refreshes.labels("reuse").inc()
+        svc.metrics.reuse_detections.inc()
+        raise
+    except InvalidGrant:
+        svc.metrics.refreshes.labels("invalid_grant").inc()
+        raise
+    svc.metrics.refreshes.labels("replayed" if rotation.replayed else "success").inc()
+    return token_response(svc, rotation.user, rotation.refresh, now, transport)
+
+
+async def logout(request: Request) -> Response:
+    svc = services(request)
+    data = await read_json_object(request, allow_empty=True)
+    if "refresh_token" in data:
+        presented = _string_field(data, "refresh_token")
+    else:
+        check_origin(request, svc.settings)
+        presented = request.cookies.get(COOKIE_NAME, "")
+    if presented:
+        family_id = await svc.families.revoke_by_token(presented, now=svc.clock())
+        if family_id is not None:
+            log.info("logout", extra={"event": "logout", "family_id": family_id})
+    response = Response(status_code=204, headers=NO_STORE)
+    _clear_cookie(response, svc)
+    return response
+
+
+async def logout_all(request: Request) -> Response:
+    svc = services(request)
+    caller = await svc.bearer.authenticate(request)
+    await svc.accounts.logout_all(caller.user.id, now=svc.clock())
+    log.info("logout everywhere", extra={"event": "logout_all", "user_id": caller.user.id})
+    response = Response(status_code=204, headers=NO_STORE)
+    _clear_cookie(response, svc)
+    return response
+
+
+async def me(request: Request) -> Response:
+    svc = services(request)
+    caller = await svc.bearer.authenticate(request)
+    body = {**user_json(caller.user), "tokenVersion": caller.user.token_version}
+    return JSONResponse(body, headers=NO_STORE)
+
+
+async def list_sessions(request: Request) -> Response:
+    svc = services(request)
+    caller = await svc.bearer.authenticate(request)
+    rows = await svc.families.active_sessions(caller.user.id, now=svc.clock())
+    sessions = [
+        {
+            "id": f.id,
+            "created_at": _iso(f.created_at),
+            "last_used_at": _iso(f.last_used_at),
+            "user_agent": f.user_agent,
+            "ip": f.ip,
+            "current": f.id == caller.session_id,
+        }
+        for f in rows
+    ]
+    return JSONResponse({"sessions": sessions}, headers=NO_STORE)
+
+
+async def revoke_session(request: Request) -> Response:
+    svc = services(request)
+    caller = await svc.bearer.authenticate(request)
+    session_id = request.path_params["session_id"]
+    await svc.families.revoke_session(caller.user.id, session_id, now=svc.clock())
+    log.info("session revoked", extra={"event": "session_revoked", "user_id": caller.user.id, "family_id": session_id})
+    return Response(status_code=204, headers=NO_STORE)
+
+
+async def delete_account(request: Request) -> Response:
+    svc = services(request)
+    caller = await svc.bearer.authenticate(request)
+    data = await read_json_object(request)
+    password = check_password_shape(data["password"], new=False) if "password" in data else _missing("password")
+    await svc.accounts.delete(caller.user, password)
+    log.info("account deleted", extra={"event": "account_deleted", "user_id": caller.user.id})
+    response = Response(status_code=204, headers=NO_STORE)
+    _clear_cookie(response, svc)
+    return response
+
+
+def token_response(svc: Services, user: User, refresh: IssuedRefresh, now: datetime, transport: str) -> Response:
+    key = svc.keys.signing_key(now)
+    if key is None:
+        raise ServiceUnavailable("No signing key is active.")
+    settings = svc.settings
+    access = mint_access_token(
+        key,
+        issuer=settings.issuer_url,
+        audience=settings.audience,
+        ttl=settings.access_token_ttl,
+        now=now,
+        user_id=user.id,
+        email=user.email,
+        role=user.role,
+        token_version=user.token_version,
+        session_id=refresh.family_id,
+    )
+    body: dict[str, Any] = {
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": settings.access_token_ttl,
+        "user": user_json(user),
+    }
+    if transport == "body":
+        body["refresh_token"] = refresh.token
+        return JSONResponse(body, headers=NO_STORE)
+    response = JSONResponse(body, headers=NO_STORE)
+    max_age = max(0, math.floor((refresh.expires_at - now).total_seconds()))
+    response.set_cookie(
+        COOKIE_NAME,
+        refresh.token,
+        max_age=max_age,
+        path=COOKIE_PATH,
+        secure=settings.cookie_secure,
+        httponly=True,
+        samesite="strict",
+    )
+    return response
+
+
+def _clear_cookie(response: Response, svc: Services) -> None:
+    response.set_cookie(
+        COOKIE_NAME,
+        "",
+        max_age=0,
+        path=COOKIE_PATH,
+        secure=svc.settings.cookie_secure,
+        httponly=True,
+        samesite="strict",
+    )
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+routes = [
+    Route("/auth/register", register, methods=["POST"]),
+    Route("/auth/login", login, methods=["POST"]),
+    Route("/auth/refresh", refresh, methods=["POST"]),
+    Route("/auth/logout", logout, methods=["POST"]),
+    Route("/auth/logout-all", logout_all, methods=["POST"]),
+    Route("/auth/me", me, methods=["GET"]),
+    Route("/auth/sessions", list_sessions, methods=["GET"]),
+    Route("/auth/sessions/{session_id}", revoke_session, methods=["DELETE"]),
+    Route("/auth/account", delete_account, methods=["DELETE"]),
+]

@@ -1,0 +1,62 @@
+"""The long-lived objects of one issuer process, built once from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from issuer.accounts import Accounts
+from issuer.bearer import BearerAuth
+from issuer.clock import Clock, system_clock
+from issuer.db import create_engine
+from issuer.families import FamilyPolicy, RefreshFamilies
+from issuer.key_manager import KeyManager
+from issuer.metrics import Metrics
+from issuer.passwords import Passwords
+from issuer.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    clock: Clock
+    engine: AsyncEngine
+    metrics: Metrics
+    keys: KeyManager
+    passwords: Passwords
+    accounts: Accounts
+    families: RefreshFamilies
+    bearer: BearerAuth
+
+    @classmethod
+    def build(cls, settings: Settings, clock: Clock = system_clock, engine: AsyncEngine | None = None) -> Services:
+        engine = engine or create_engine(settings.database_url)
+        metrics = Metrics()
+        keys = KeyManager(engine, settings, clock)
+        passwords = Passwords(settings.argon2)
+        policy = FamilyPolicy(
+            refresh_ttl=timedelta(seconds=settings.refresh_token_ttl),
+            session_max_age=timedelta(seconds=settings.session_max_age),
+            reuse_grace=timedelta(seconds=settings.refresh_reuse_grace),
+        )
+        return cls(
+            settings=settings,
+            clock=clock,
+            engine=engine,
+            metrics=metrics,
+            keys=keys,
+            passwords=passwords,
+            accounts=Accounts(engine, passwords),
+            families=RefreshFamilies(engine, policy, successor_secret(settings)),
+            bearer=BearerAuth(engine, keys, settings, clock, metrics),
+        )
+
+
+def successor_secret(settings: Settings) -> bytes:
+    """A key derived from the KEK for refresh-token successors, so there is no second secret to manage."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"issuer refresh-token successor v1")
+    return hkdf.derive(settings.kek.reveal())

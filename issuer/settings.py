@@ -1,0 +1,218 @@
+"""Configuration: one frozen object built from the environment and validated once.
+
+Every bad variable stops start-up with a :class:`ConfigError` whose message is one line naming the
+variable, so an operator never runs a half-configured issuer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./issuer.db"
+DEV_KEK_PATH = Path("keys") / "dev-kek"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message names the variable."""
+
+
+class Secret:
+    """Holds a secret value so that it never shows up in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Argon2Params:
+    """argon2id cost; the defaults are OWASP's minimum (19 MiB, 2 passes, 1 lane)."""
+
+    memory_cost_kib: int = 19456
+    time_cost: int = 2
+    parallelism: int = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    issuer_url: str = "http://127.0.0.1:8000"
+    audience: str = "api"
+    database_url: str = DEFAULT_DATABASE_URL
+    access_token_ttl: int = 900
+    refresh_token_ttl: int = 604800
+    session_max_age: int = 2592000
+    refresh_reuse_grace: int = 10
+    cookie_secure: bool = True
+    clock_leeway: int = 5
+    jwks_max_age: int = 300
+    key_publish_lead: int = 600
+    key_rotation_interval: int = 0
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    kek: Secret = field(default_factory=lambda: Secret(secrets.token_bytes(32)), repr=False)
+    kek_is_dev: bool = False
+    argon2: Argon2Params = field(default_factory=Argon2Params)
+    key_refresh_interval: float = 10.0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None, *, dev_kek_path: Path = DEV_KEK_PATH) -> Settings:
+        """Build and validate settings; raises :class:`ConfigError` on the first bad variable."""
+        env = os.environ if environ is None else environ
+        jwks_max_age = _int(env, "JWKS_MAX_AGE", 300, minimum=0)
+        kek, kek_is_dev = _load_kek(env, dev_kek_path)
+        settings = cls(
+            issuer_url=_issuer_url(env),
+            audience=_nonempty(env, "ISSUER_AUDIENCE", "api"),
+            database_url=_nonempty(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
+            access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", 900, minimum=1),
+            refresh_token_ttl=_int(env, "REFRESH_TOKEN_TTL", 604800, minimum=1),
+            session_max_age=_int(env, "SESSION_MAX_AGE", 2592000, minimum=1),
+            refresh_reuse_grace=_int(env, "REFRESH_REUSE_GRACE", 10, minimum=0),
+            cookie_secure=_bool(env, "COOKIE_SECURE", True),
+            clock_leeway=_int(env, "CLOCK_LEEWAY", 5, minimum=0),
+            jwks_max_age=jwks_max_age,
+            key_publish_lead=_int(env, "KEY_PUBLISH_LEAD", 2 * jwks_max_age, minimum=0),
+            key_rotation_interval=_int(env, "KEY_ROTATION_INTERVAL", 0, minimum=0),
+            allowed_origins=_csv(env, "ALLOWED_ORIGINS"),
+            trusted_proxies=_csv(env, "TRUSTED_PROXIES"),
+            kek=kek,
+            kek_is_dev=kek_is_dev,
+            argon2=Argon2Params(
+                memory_cost_kib=_int(env, "ARGON2_MEMORY_COST", 19456, minimum=8),
+                time_cost=_int(env, "ARGON2_TIME_COST", 2, minimum=1),
+                parallelism=_int(env, "ARGON2_PARALLELISM", 1, minimum=1),
+            ),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Cross-variable rules; also run on settings built in code (tests)."""
+        if self.access_token_ttl > self.refresh_token_ttl:
+            raise ConfigError("ACCESS_TOKEN_TTL: must not exceed REFRESH_TOKEN_TTL")
+        if self.refresh_token_ttl > self.session_max_age:
+            raise ConfigError("REFRESH_TOKEN_TTL: must not exceed SESSION_MAX_AGE")
+        if self.key_publish_lead < self.jwks_max_age:
+            raise ConfigError("KEY_PUBLISH_LEAD: must be at least JWKS_MAX_AGE, or caches may meet an unknown kid")
+        if self.kek_is_dev and self.issuer_url.startswith("https://"):
+            raise ConfigError(
+                "ISSUER_KEK: an https issuer needs a real key-encryption key (ISSUER_KEK or ISSUER_KEK_FILE), "
+                "not the generated development one"
+            )
+        if len(self.kek.reveal()) != 32:
+            raise ConfigError("ISSUER_KEK: must be 32 bytes, base64url-encoded")
+
+    @property
+    def issuer_origin(self) -> str:
+        parts = urlsplit(self.issuer_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _nonempty(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _raw(env, name)
+    return default if value is None else value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    try:
+        number = int(value, 10)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a whole number") from None
+    if number < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {number}")
+    return number
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name}: {value!r} is not a boolean (true/false)")
+
+
+def _csv(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    value = _raw(env, name)
+    if value is None:
+        return ()
+    return tuple(item.strip().rstrip("/") for item in value.split(",") if item.strip())
+
+
+def _issuer_url(env: Mapping[str, str]) -> str:
+    value = _nonempty(env, "ISSUER_URL", "http://127.0.0.1:8000")
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"ISSUER_URL: {value!r} is not an http(s) URL without query or fragment")
+    return value.rstrip("/")
+
+
+def decode_kek(text: str, name: str) -> Secret:
+    cleaned = text.strip()
+    try:
+        raw = base64.urlsafe_b64decode(cleaned + "=" * (-len(cleaned) % 4))
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{name}: not valid base64url") from None
+    if len(raw) != 32:
+        raise ConfigError(f"{name}: must decode to 32 bytes, got {len(raw)}")
+    return Secret(raw)
+
+
+def encode_kek(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _load_kek(env: Mapping[str, str], dev_kek_path: Path) -> tuple[Secret, bool]:
+    """The KEK from ISSUER_KEK, ISSUER_KEK_FILE, or (development) a generated file under keys/."""
+    inline = _raw(env, "ISSUER_KEK")
+    path = _raw(env, "ISSUER_KEK_FILE")
+    if inline is not None and path is not None:
+        raise ConfigError("ISSUER_KEK: set either ISSUER_KEK or ISSUER_KEK_FILE, not both")
+    if inline is not None:
+        return decode_kek(inline, "ISSUER_KEK"), False
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"ISSUER_KEK_FILE: cannot read {path}: {exc.strerror or exc}") from None
+        return decode_kek(text, "ISSUER_KEK_FILE"), False
+    return _dev_kek(dev_kek_path), True
+
+
+def _dev_kek(path: Path) -> Secret:
+    if path.exists():
+        return decode_kek(path.read_text(encoding="ascii"), f"ISSUER_KEK (development file {path})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(encode_kek(secrets.token_bytes(32)) + "\n")
+    return decode_kek(path.read_text(encoding="ascii"), f"ISSUER_KEK (development file {path})")
