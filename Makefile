@@ -1,0 +1,40 @@
+# Everything a fresh machine needs comes from here: `make run` and `make test` build the virtualenv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install run test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+## Serve on the embedded SQLite default (or DATABASE_URL): migrate, create dev keys if missing, listen.
+run: install
+	$(BIN)/issuer migrate
+	$(BIN)/issuer serve --host $(HOST) --port $(PORT)
+
+## Lint, then the whole suite against a real PostgreSQL (and SQLite for the storage tests).
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache issuer.egg-info issuer.db issuer.db-wal issuer.db-shm
