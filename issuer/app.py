@@ -39,7 +39,7 @@ def create_app(
                 "set ISSUER_KEK or ISSUER_KEK_FILE for anything but a laptop"
             )
         await services.keys.ensure_signing_key()
-        services.keys.start_reloading()
+        services.keys.start_background()
         try:
             yield
         finally:

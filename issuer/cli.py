@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import inspect
@@ -15,8 +17,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from issuer.clock import system_clock
 from issuer.db import create_engine
+from issuer.key_import import KeyImportError, load_rsa_private_key
 from issuer.key_manager import KeyManager
 from issuer.keys import KeyDecryptionError, key_state
+from issuer.rotation import KeyPlan, RotationRefused
 from issuer.settings import ConfigError, Settings
 
 
@@ -32,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_environ()
         return args.handler(settings, args) or 0
-    except (ConfigError, CommandError, KeyDecryptionError) as exc:
+    except (ConfigError, CommandError, KeyDecryptionError, RotationRefused) as exc:
         print(f"issuer: {exc}", file=sys.stderr)
         return 1
     except (DBAPIError, PoolTimeout, OSError, TimeoutError) as exc:
@@ -70,6 +74,35 @@ def _parser() -> argparse.ArgumentParser:
         description="Show every signing key, its state and timestamps.",
     )
     listing.set_defaults(handler=_keys_list)
+    rotate = key_commands.add_parser(
+        "rotate",
+        help="publish a new key now; it signs after KEY_PUBLISH_LEAD",
+        description="Generate a new key, publish it in the JWKS now, and let it sign after KEY_PUBLISH_LEAD "
+        "(caches learn it first). The current key keeps being published until its tokens have expired.",
+    )
+    rotate.add_argument("--now", action="store_true", help="sign with the new key at once (caches may not know it)")
+    rotate.set_defaults(handler=_keys_rotate)
+    revoke = key_commands.add_parser(
+        "revoke",
+        help="compromise: remove a key from the JWKS now; another key signs now",
+        description="For a compromised key: it leaves the JWKS at once, tokens it signed stop verifying, and "
+        "another key (already published if there is one, else a new one) signs at once.",
+    )
+    revoke.add_argument("kid")
+    revoke.set_defaults(handler=_keys_revoke)
+    importing = key_commands.add_parser(
+        "import",
+        help="publish an operator-provided RSA key (PEM); it signs after KEY_PUBLISH_LEAD",
+        description="Import an unencrypted PEM RSA private key (PKCS#8 or PKCS#1, >= 2048 bits) and schedule it "
+        "like `rotate`.",
+    )
+    importing.add_argument("path", type=Path)
+    importing.add_argument("--now", action="store_true", help="sign with it at once (caches may not know it)")
+    importing.set_defaults(handler=_keys_import)
+    prune = key_commands.add_parser(
+        "prune", help="delete keys that are gone or revoked", description="Delete keys that can never be used again."
+    )
+    prune.set_defaults(handler=_keys_prune)
     return parser
 
 
@@ -122,16 +155,69 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- keys
 
 
+@contextlib.asynccontextmanager
+async def _key_manager(settings: Settings) -> AsyncIterator[KeyManager]:
+    engine = create_engine(settings.database_url)
+    try:
+        manager = KeyManager(engine, settings, system_clock)
+        await manager.reload()  # proves the KEK opens the stored keys before anything is written
+        yield manager
+    finally:
+        await engine.dispose()
+
+
+def _print_plan(plan: KeyPlan) -> None:
+    for warning in plan.warnings:
+        print(f"issuer: WARNING: {warning}", file=sys.stderr)
+    if plan.insert is not None:
+        print(f"published {plan.insert.kid}; signs from {_ts(plan.insert.activate_at)}")
+    for kid, values in plan.updates.items():
+        changes = ", ".join(f"{name} {_ts(value)}" for name, value in values.items())
+        print(f"{kid}: {changes}")
+
+
+def _keys_rotate(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> None:
+        async with _key_manager(settings) as keys:
+            _print_plan(await keys.rotate(immediate=args.now))
+
+    return _run(run)
+
+
+def _keys_import(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        private_key = load_rsa_private_key(args.path)
+    except KeyImportError as exc:
+        raise CommandError(str(exc)) from None
+
+    async def run() -> None:
+        async with _key_manager(settings) as keys:
+            _print_plan(await keys.rotate(immediate=args.now, private_key=private_key))
+
+    return _run(run)
+
+
+def _keys_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> None:
+        async with _key_manager(settings) as keys:
+            _print_plan(await keys.revoke(args.kid))
+
+    return _run(run)
+
+
+def _keys_prune(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> None:
+        async with _key_manager(settings) as keys:
+            kids = await keys.prune()
+        print(f"pruned {len(kids)} key(s)" + (": " + ", ".join(kids) if kids else ""))
+
+    return _run(run)
+
+
 def _keys_list(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> None:
-        engine = create_engine(settings.database_url)
-        try:
-            from issuer import store
-
-            async with engine.connect() as conn:
-                records = await store.all_keys(conn)
-        finally:
-            await engine.dispose()
+        async with _key_manager(settings) as keys:
+            records = await keys.records()
         now = system_clock()
         grace = KeyManager.retire_grace(settings)
         rows = [("KID", "STATE", "BITS", "PUBLISH_AT", "ACTIVATE_AT", "RETIRE_AT", "REVOKED_AT")]

@@ -111,6 +111,7 @@ signing_keys = Table(
     Column("retire_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
     Column("key_bits", BigInteger, nullable=False),
+    Column("generation", BigInteger, nullable=False, unique=True),
 )
 
 Index("ix_refresh_families_user_active", families.c.user_id, families.c.revoked_at)

@@ -1,7 +1,9 @@
-"""The process's view of the signing keys: loaded from the database, decrypted once, reloaded periodically.
+"""The process's view of the signing keys, and the operations that change them.
 
-Private keys are parsed when the table changes, never per request. Replicas converge because each one
-reloads the shared table every ``reload_interval`` seconds and derives states from timestamps alone.
+Private keys are decrypted when the table changes, never per request. Replicas converge because each
+one re-reads the shared table every ``key_reload_interval`` seconds and derives states from timestamps.
+Every change follows Dex's pattern: build the new key outside the transaction, then inside it re-read the
+rows, re-plan, and write; the unique ``generation`` makes a concurrent second writer fail and back off.
 """
 
 from __future__ import annotations
@@ -9,16 +11,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer import store
 from issuer.clock import Clock
-from issuer.keys import KeyRecord, KeyRing, LoadedKey, new_key_record
+from issuer.keys import KeyRecord, KeyRing, KeyState, LoadedKey, key_state, new_key_record
+from issuer.rotation import KeyPlan, RotationRefused, plan_revocation, plan_rotation, prunable, rotation_due
 from issuer.settings import Settings
 
 log = logging.getLogger("issuer.keys")
+
+_Planner = Callable[[list[KeyRecord], datetime], KeyPlan | None]
+
+
+class ConcurrentKeyChange(RotationRefused):
+    """Another replica or operator changed the keys at the same moment; nothing was written."""
 
 
 class KeyManager:
@@ -27,63 +39,177 @@ class KeyManager:
         self._settings = settings
         self._clock = clock
         self._ring = KeyRing((), self.retire_grace(settings))
-        self._fingerprint: tuple[tuple[str, datetime | None, datetime | None], ...] = ()
+        self._fingerprint: tuple[tuple[object, ...], ...] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
 
     @staticmethod
     def retire_grace(settings: Settings) -> timedelta:
         """How long a key stays published after it stops signing: every token it signed has expired by then,
-        even one signed by a replica that had not yet reloaded the table."""
+        including one signed by a replica that had not yet re-read the table."""
         return timedelta(
-            seconds=settings.access_token_ttl + settings.clock_leeway + int(settings.key_refresh_interval) + 1
+            seconds=settings.access_token_ttl + settings.clock_leeway + int(settings.key_reload_interval) + 1
         )
+
+    @staticmethod
+    def jwks_max_age(settings: Settings) -> int:
+        """Cache lifetime that keeps pre-publication safe: a key this replica has not seen yet was published
+        at most one reload interval ago, and signs no sooner than KEY_PUBLISH_LEAD after publication."""
+        headroom = settings.key_publish_lead - int(settings.key_reload_interval) - 1
+        return max(0, min(settings.jwks_max_age, headroom))
 
     @property
     def ring(self) -> KeyRing:
         return self._ring
 
     def signing_key(self, now: datetime) -> LoadedKey | None:
-        return self._ring.signing_key(now)
+        key = self._ring.signing_key(now)
+        if key is not None:
+            return key
+        return self._ring.recently_retired(now, timedelta(seconds=self._settings.key_reload_interval))
+
+    # ------------------------------------------------------------ reading
+
+    async def records(self) -> list[KeyRecord]:
+        async with self._engine.connect() as conn:
+            return await store.all_keys(conn)
 
     async def reload(self) -> None:
         """Re-read the table; decrypt only when it changed. Raises KeyDecryptionError on a wrong KEK."""
-        async with self._engine.connect() as conn:
-            records = await store.all_keys(conn)
-        fingerprint = tuple((r.kid, r.retire_at, r.revoked_at) for r in records)
-        if fingerprint == self._fingerprint:
-            return
-        ring = KeyRing.load(
-            _still_relevant(records, self._clock(), self._ring.retire_grace),
-            self._settings.kek,
-            self._ring.retire_grace,
-        )
-        self._ring = ring
-        self._fingerprint = fingerprint
+        async with self._reload_lock:
+            records = await self.records()
+            fingerprint = tuple((r.kid, r.activate_at, r.retire_at, r.revoked_at) for r in records)
+            if fingerprint == self._fingerprint:
+                return
+            grace = self._ring.retire_grace
+            self._ring = KeyRing.load(_still_relevant(records, self._clock(), grace), self._settings.kek, grace)
+            self._fingerprint = fingerprint
+
+    # ------------------------------------------------------------ changing
 
     async def ensure_signing_key(self) -> KeyRecord | None:
-        """Create a first key, active at once, when the table holds none that can sign; None if there was one.
-
-        A fresh install must be able to sign immediately; later keys go through the published state.
+        """Make sure a key signs now: on a fresh install (or after every key was revoked) create one, active
+        at once; None when a key already signs. Every later key goes through the published state.
         """
         await self.reload()
         now = self._clock()
-        if self._ring.signing_key(now) is not None or _will_sign(self._ring, now):
+        if self._ring.signing_key(now) is not None:
             return None
-        record = await asyncio.to_thread(new_key_record, self._settings.kek, now=now, activate_at=now)
-        async with self._engine.begin() as conn:
-            # Re-check inside the transaction: another replica may have created one meanwhile.
-            existing = await store.all_keys(conn)
-            if any(r.revoked_at is None and (r.retire_at is None or r.retire_at > now) for r in existing):
-                return None
-            await store.insert_key(conn, record)
-        log.warning(
-            "created a signing key %s, active now", record.kid, extra={"event": "key_created", "kid": record.kid}
-        )
-        await self.reload()
-        return record
+        fresh = await asyncio.to_thread(new_key_record, self._settings.kek, now=now, activate_at=now)
 
-    def start_reloading(self) -> None:
-        self._task = asyncio.create_task(self._reload_forever(), name="issuer-key-reload")
+        def plan(records: list[KeyRecord], now: datetime) -> KeyPlan | None:
+            if any(key_state(r, now, self._ring.retire_grace) is KeyState.ACTIVE for r in records):
+                return None
+            return plan_rotation(
+                records, fresh, now=now, lead=timedelta(0), grace=self._ring.retire_grace, immediate=True
+            )
+
+        try:
+            applied = await self._apply(plan)
+        except ConcurrentKeyChange:
+            await self.reload()
+            return None
+        if applied is None or applied.insert is None:
+            return None
+        log.warning("created signing key %s, active now", fresh.kid, extra={"event": "key_created", "kid": fresh.kid})
+        return applied.insert
+
+    async def rotate(self, *, immediate: bool = False, private_key: rsa.RSAPrivateKey | None = None) -> KeyPlan:
+        """Publish a new key (generated, or the operator's) that signs after KEY_PUBLISH_LEAD, or now."""
+        now = self._clock()
+        fresh = await asyncio.to_thread(
+            new_key_record, self._settings.kek, now=now, activate_at=now, private_key=private_key
+        )
+        lead = timedelta(seconds=self._settings.key_publish_lead)
+        grace = self._ring.retire_grace
+        applied = await self._apply(
+            lambda records, now: plan_rotation(records, fresh, now=now, lead=lead, grace=grace, immediate=immediate)
+        )
+        assert applied is not None
+        assert applied.insert is not None
+        log.warning(
+            "key %s published; signs from %s",
+            applied.insert.kid,
+            f"{applied.insert.activate_at:%Y-%m-%dT%H:%M:%SZ}",
+            extra={"event": "key_rotated", "kid": applied.insert.kid, "immediate": immediate},
+        )
+        return applied
+
+    async def revoke(self, kid: str) -> KeyPlan:
+        """Compromise: ``kid`` leaves the JWKS now and another key signs now."""
+        now = self._clock()
+        replacement = await asyncio.to_thread(new_key_record, self._settings.kek, now=now, activate_at=now)
+        grace = self._ring.retire_grace
+        applied = await self._apply(
+            lambda records, now: plan_revocation(records, kid, replacement, now=now, grace=grace)
+        )
+        assert applied is not None
+        log.warning("key %s revoked", kid, extra={"event": "key_revoked", "kid": kid})
+        return applied
+
+    async def prune(self) -> list[str]:
+        now = self._clock()
+        async with self._engine.begin() as conn:
+            kids = prunable(await store.all_keys(conn), now=now, grace=self._ring.retire_grace)
+            await store.delete_keys(conn, kids)
+        await self.reload()
+        return kids
+
+    async def rotate_if_due(self) -> KeyPlan | None:
+        """Scheduled rotation (KEY_ROTATION_INTERVAL): at most one new key per interval across replicas."""
+        interval = timedelta(seconds=self._settings.key_rotation_interval)
+        if interval <= timedelta(0):
+            return None
+        grace = self._ring.retire_grace
+        if not rotation_due(await self.records(), now=self._clock(), interval=interval, grace=grace):
+            return None
+        now = self._clock()
+        fresh = await asyncio.to_thread(new_key_record, self._settings.kek, now=now, activate_at=now)
+        lead = timedelta(seconds=self._settings.key_publish_lead)
+
+        def plan(records: list[KeyRecord], now: datetime) -> KeyPlan | None:
+            if not rotation_due(records, now=now, interval=interval, grace=grace):
+                return None  # another replica got there first
+            return plan_rotation(records, fresh, now=now, lead=lead, grace=grace, immediate=False)
+
+        try:
+            applied = await self._apply(plan)
+        except ConcurrentKeyChange:
+            log.info("scheduled rotation already done by another instance")
+            await self.reload()
+            return None
+        if applied is not None and applied.insert is not None:
+            log.warning(
+                "scheduled rotation: key %s published",
+                applied.insert.kid,
+                extra={"event": "key_rotated", "kid": applied.insert.kid, "scheduled": True},
+            )
+        return applied
+
+    async def _apply(self, plan_for: _Planner) -> KeyPlan | None:
+        """Re-read the rows inside a transaction, plan against them, write the plan; then reload."""
+        try:
+            async with self._engine.begin() as conn:
+                records = await store.all_keys(conn)
+                plan = plan_for(records, self._clock())
+                if plan is None:
+                    return None
+                for kid, values in plan.updates.items():
+                    await store.update_key(conn, kid, values)
+                if plan.insert is not None:
+                    await store.insert_key(conn, plan.insert)
+        except IntegrityError:
+            raise ConcurrentKeyChange(
+                "another instance changed the signing keys at the same moment; nothing was written, check "
+                "`issuer keys list` and retry"
+            ) from None
+        await self.reload()
+        return plan
+
+    # ------------------------------------------------------------ background
+
+    def start_background(self) -> None:
+        self._task = asyncio.create_task(self._background(), name="issuer-keys")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -92,24 +218,17 @@ class KeyManager:
                 await self._task
             self._task = None
 
-    async def _reload_forever(self) -> None:
+    async def _background(self) -> None:
         while True:
-            await asyncio.sleep(self._settings.key_refresh_interval)
+            await asyncio.sleep(self._settings.key_reload_interval)
             try:
+                await self.rotate_if_due()
                 await self.reload()
             except Exception:
                 # Keep serving the keys we have; the database may be down for a moment.
-                log.exception("could not reload signing keys; keeping the current set")
-
-
-def _will_sign(ring: KeyRing, now: datetime) -> bool:
-    return any(k.record.revoked_at is None and k.record.activate_at > now for k in ring.keys)
+                log.exception("could not refresh signing keys; keeping the current set")
 
 
 def _still_relevant(records: list[KeyRecord], now: datetime, grace: timedelta) -> list[KeyRecord]:
     """Skip decrypting keys that can never be used again (revoked, or gone for good)."""
-    return [
-        r
-        for r in records
-        if (r.revoked_at is None or r.revoked_at > now) and (r.retire_at is None or r.retire_at + grace > now)
-    ]
+    return [r for r in records if key_state(r, now, grace) not in {KeyState.REVOKED, KeyState.GONE}]

@@ -58,6 +58,8 @@ class KeyRecord:
     retire_at: datetime | None
     revoked_at: datetime | None
     key_bits: int
+    # Monotonic and unique per table: two replicas rotating at once pick the same number, one insert fails.
+    generation: int = 0
 
 
 def encrypt_private_key(kek: Secret, kid: str, private_key: rsa.RSAPrivateKey) -> bytes:
@@ -164,6 +166,21 @@ class KeyRing:
         if not active:
             return None
         return max(active, key=lambda k: (k.record.activate_at, k.record.kid))
+
+    def recently_retired(self, now: datetime, within: timedelta) -> LoadedKey | None:
+        """The key that stopped signing less than ``within`` ago (not revoked).
+
+        Used only when no key is active in this process's view: right after an immediate rotation on
+        another replica, before this one has re-read the table. The retiring key is still published.
+        """
+        candidates = [
+            k
+            for k in self.keys
+            if key_state(k.record, now, self.retire_grace) is KeyState.RETIRING
+            and k.record.retire_at is not None
+            and now - k.record.retire_at < within
+        ]
+        return max(candidates, key=lambda k: (k.record.retire_at, k.record.kid), default=None)
 
     def verification_keys(self, now: datetime) -> dict[str, LoadedKey]:
         """Keys whose signatures the issuer accepts now: everything in the JWKS."""

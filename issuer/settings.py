@@ -68,7 +68,7 @@ class Settings:
     kek: Secret = field(default_factory=lambda: Secret(secrets.token_bytes(32)), repr=False)
     kek_is_dev: bool = False
     argon2: Argon2Params = field(default_factory=Argon2Params)
-    key_refresh_interval: float = 10.0
+    key_reload_interval: int = 10
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, *, dev_kek_path: Path = DEV_KEK_PATH) -> Settings:
@@ -89,6 +89,7 @@ class Settings:
             jwks_max_age=jwks_max_age,
             key_publish_lead=_int(env, "KEY_PUBLISH_LEAD", 2 * jwks_max_age, minimum=0),
             key_rotation_interval=_int(env, "KEY_ROTATION_INTERVAL", 0, minimum=0),
+            key_reload_interval=_int(env, "KEY_RELOAD_INTERVAL", 10, minimum=1),
             allowed_origins=_csv(env, "ALLOWED_ORIGINS"),
             trusted_proxies=_csv(env, "TRUSTED_PROXIES"),
             kek=kek,
@@ -110,6 +111,8 @@ class Settings:
             raise ConfigError("REFRESH_TOKEN_TTL: must not exceed SESSION_MAX_AGE")
         if self.key_publish_lead < self.jwks_max_age:
             raise ConfigError("KEY_PUBLISH_LEAD: must be at least JWKS_MAX_AGE, or caches may meet an unknown kid")
+        if 0 < self.key_rotation_interval < self.key_publish_lead:
+            raise ConfigError("KEY_ROTATION_INTERVAL: must be 0 (off) or at least KEY_PUBLISH_LEAD")
         if self.kek_is_dev and self.issuer_url.startswith("https://"):
             raise ConfigError(
                 "ISSUER_KEK: an https issuer needs a real key-encryption key (ISSUER_KEK or ISSUER_KEK_FILE), "

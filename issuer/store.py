@@ -268,8 +268,23 @@ async def insert_key(conn: AsyncConnection, record: KeyRecord) -> None:
             retire_at=record.retire_at,
             revoked_at=record.revoked_at,
             key_bits=record.key_bits,
+            generation=record.generation,
         )
     )
+
+
+async def update_key(conn: AsyncConnection, kid: str, values: dict[str, datetime]) -> None:
+    allowed = {"activate_at", "retire_at", "revoked_at"}
+    if not set(values) <= allowed:
+        raise ValueError(f"cannot update {sorted(set(values) - allowed)} of a signing key")
+    await conn.execute(update(signing_keys).where(signing_keys.c.kid == kid).values(**values))
+
+
+async def delete_keys(conn: AsyncConnection, kids: Sequence[str]) -> int:
+    if not kids:
+        return 0
+    result = await conn.execute(delete(signing_keys).where(signing_keys.c.kid.in_(list(kids))))
+    return result.rowcount
 
 
 async def all_keys(conn: AsyncConnection) -> list[KeyRecord]:
@@ -285,6 +300,7 @@ async def all_keys(conn: AsyncConnection) -> list[KeyRecord]:
             retire_at=row.retire_at,
             revoked_at=row.revoked_at,
             key_bits=row.key_bits,
+            generation=row.generation,
         )
         for row in rows
     ]

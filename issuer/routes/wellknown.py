@@ -19,7 +19,7 @@ def _services(request: Request) -> Services:
 async def jwks(request: Request) -> Response:
     svc = _services(request)
     document = svc.keys.ring.jwks(svc.clock())
-    headers = {"Cache-Control": f"public, max-age={svc.settings.jwks_max_age}", "ETag": document.etag}
+    headers = {"Cache-Control": f"public, max-age={svc.keys.jwks_max_age(svc.settings)}", "ETag": document.etag}
     if _etag_matches(request.headers.get("if-none-match"), document.etag):
         return Response(status_code=304, headers=headers)
     return Response(document.body, media_type="application/json", headers=headers)

@@ -78,7 +78,9 @@ def upgrade() -> None:
         sa.Column("retire_at", TS, nullable=True),
         sa.Column("revoked_at", TS, nullable=True),
         sa.Column("key_bits", sa.BigInteger(), nullable=False),
+        sa.Column("generation", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("kid", name="pk_signing_keys"),
+        sa.UniqueConstraint("generation", name="uq_signing_keys_generation"),
     )
 
 
