@@ -161,11 +161,8 @@ class KeyRing:
         return cls(tuple(loaded), retire_grace)
 
     def signing_key(self, now: datetime) -> LoadedKey | None:
-        """The active key with the newest ``activate_at`` (kid breaks ties, so replicas agree)."""
-        active = [k for k in self.keys if key_state(k.record, now, self.retire_grace) is KeyState.ACTIVE]
-        if not active:
-            return None
-        return max(active, key=lambda k: (k.record.activate_at, k.record.kid))
+        chosen = signing_record([k.record for k in self.keys], now, self.retire_grace)
+        return None if chosen is None else next(k for k in self.keys if k.record.kid == chosen.kid)
 
     def recently_retired(self, now: datetime, within: timedelta) -> LoadedKey | None:
         """The key that stopped signing less than ``within`` ago (not revoked).
@@ -196,6 +193,17 @@ class KeyRing:
             document = JwksDocument(body, etag)
             self._jwks_cache[published] = document
         return document
+
+
+def signing_record(records: Iterable[KeyRecord], now: datetime, retire_grace: timedelta) -> KeyRecord | None:
+    """The active key with the newest ``activate_at`` (kid breaks ties, so replicas agree)."""
+    active = [r for r in records if key_state(r, now, retire_grace) is KeyState.ACTIVE]
+    return max(active, key=lambda r: (r.activate_at, r.kid), default=None)
+
+
+def published_kids(records: Iterable[KeyRecord], now: datetime, retire_grace: timedelta) -> frozenset[str]:
+    """The kids a JWKS served at ``now`` contains."""
+    return frozenset(r.kid for r in records if _published(r, now, retire_grace))
 
 
 def _published(record: KeyRecord, now: datetime, retire_grace: timedelta) -> bool:
