@@ -38,9 +38,9 @@ def create_app(
                 "USING THE GENERATED DEVELOPMENT KEY-ENCRYPTION KEY (keys/dev-kek); "
                 "set ISSUER_KEK or ISSUER_KEK_FILE for anything but a laptop"
             )
-        await services.keys.ensure_signing_key()
-        services.keys.start_background()
         try:
+            await services.keys.ensure_signing_key()
+            services.keys.start_background()
             yield
         finally:
             await services.keys.stop()

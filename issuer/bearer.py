@@ -34,7 +34,10 @@ def bearer_token(request: Request) -> str:
     if header is None:
         raise Unauthenticated()
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    if scheme.lower() != "bearer":
+        # RFC 6750 section 3.1: another authentication method counts as no credentials (no error code).
+        raise Unauthenticated()
+    if not token.strip():
         raise InvalidToken("The Authorization header must be 'Bearer <access token>'.")
     return token.strip()
 

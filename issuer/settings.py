@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -179,8 +180,13 @@ def _issuer_url(env: Mapping[str, str]) -> str:
     return value.rstrip("/")
 
 
+_BASE64URL_32 = re.compile(r"^[A-Za-z0-9_-]{43}=?$")
+
+
 def decode_kek(text: str, name: str) -> Secret:
     cleaned = text.strip()
+    if not _BASE64URL_32.match(cleaned):
+        raise ConfigError(f"{name}: must be 32 bytes encoded as base64url (43 characters of A-Z a-z 0-9 - _)")
     try:
         raw = base64.urlsafe_b64decode(cleaned + "=" * (-len(cleaned) % 4))
     except (binascii.Error, ValueError):

@@ -113,7 +113,8 @@ class Simulation:
     def check(self) -> None:
         t = self.now
         revoked = {r.kid for r in self.records if key_state(r, t, self.grace) is KeyState.REVOKED}
-        fresh_fetches = [f for f in self.fetches if f.at <= t <= f.at + f.max_age]
+        # RFC 9111: a response is fresh while its age is below max-age.
+        fresh_fetches = [f for f in self.fetches if f.at <= t < f.at + f.max_age]
         for token in self.tokens:
             if not (token.issued <= t < token.issued + TOKEN_LIFE):
                 continue

@@ -1,0 +1,246 @@
+"""Signing keys at rest: only public members are served, the database alone does not give the private key away."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from issuer.app import create_app
+from issuer.db import create_engine, signing_keys
+from issuer.keys import KeyDecryptionError, decrypt_private_key, new_key_record
+from issuer.settings import Secret, Settings
+from issuer.store import insert_key
+from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
+
+PUBLIC_MEMBERS = {"kty", "kid", "use", "alg", "n", "e"}
+PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def int_bytes(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8, "big")
+
+
+def as_bytes(value: object) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return str(value).encode("utf-8")
+
+
+def secret_fragments(private_key: rsa.RSAPrivateKey) -> dict[str, bytes]:
+    """Every form in which the private key could have been stored in clear."""
+    numbers = private_key.private_numbers()
+    fragments: dict[str, bytes] = {}
+    for encoding_name, encoding in (("der", serialization.Encoding.DER), ("pem", serialization.Encoding.PEM)):
+        for format_name, private_format in (
+            ("pkcs8", serialization.PrivateFormat.PKCS8),
+            ("pkcs1", serialization.PrivateFormat.TraditionalOpenSSL),
+        ):
+            blob = private_key.private_bytes(encoding, private_format, serialization.NoEncryption())
+            fragments[f"{encoding_name}-{format_name}"] = blob
+            if encoding_name == "pem":
+                lines = blob.decode("ascii").strip().splitlines()[1:-1]
+                fragments[f"pem-body-{format_name}"] = "".join(lines).encode("ascii")
+                # A single base64 line is enough to prove the PEM leaked (guards against re-wrapping).
+                fragments[f"pem-line-{format_name}"] = lines[len(lines) // 2].encode("ascii")
+    for name in ("d", "p", "q", "dmp1", "dmq1", "iqmp"):
+        raw = int_bytes(getattr(numbers, name))
+        fragments[f"{name}-bytes"] = raw
+        fragments[f"{name}-base64url"] = b64url(raw).encode("ascii")
+        fragments[f"{name}-hex"] = raw.hex().encode("ascii")
+        fragments[f"{name}-decimal"] = str(getattr(numbers, name)).encode("ascii")
+    return fragments
+
+
+async def key_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        result = await conn.execute(select(signing_keys))
+        return [dict(row._mapping) for row in result]
+
+
+async def start_issuer(settings: Settings, clock: FakeClock) -> None:
+    """Run the app's start-up as ``running_issuer`` does, and always close its connection pool.
+
+    The app's lifespan does not dispose its engine when start-up itself fails (it only does on shutdown),
+    and an abandoned asyncpg pool becomes a ResourceWarning at garbage collection, so it is closed here.
+    """
+    app = create_app(settings, clock=clock)
+    try:
+        async with app.router.lifespan_context(app):
+            pass
+    finally:
+        await app.state.services.engine.dispose()
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(settings.database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+async def test_jwks_has_public_members_only(client: httpx.AsyncClient, issuer: IssuerHarness) -> None:
+    response = await client.get("/.well-known/jwks.json")
+    assert response.status_code == 200
+    keys = response.json()["keys"]
+    assert keys
+    for key in keys:
+        assert set(key) == PUBLIC_MEMBERS, key
+        assert not set(key) & PRIVATE_MEMBERS
+        assert key["kty"] == "RSA"
+        assert key["use"] == "sig"
+        assert key["alg"] == "RS256"
+    # Nor does any private number appear anywhere in the document.
+    for loaded in issuer.services.keys.ring.keys:
+        private = loaded.signing_key.private_key
+        assert isinstance(private, rsa.RSAPrivateKey)
+        for name, fragment in secret_fragments(private).items():
+            assert fragment not in response.content, name
+
+
+async def test_private_key_is_not_stored_in_clear(issuer: IssuerHarness, engine: AsyncEngine) -> None:
+    ring = issuer.services.keys.ring
+    assert ring.keys
+    rows = {row["kid"]: row for row in await key_rows(engine)}
+    for loaded in ring.keys:
+        private = loaded.signing_key.private_key
+        assert isinstance(private, rsa.RSAPrivateKey)
+        row = rows[loaded.record.kid]
+        cells = {column: as_bytes(value) for column, value in row.items()}
+        whole_row = b"\x00".join(cells.values())
+        fragments = secret_fragments(private)
+        # The search can succeed: the fragments are real key material of a realistic size.
+        assert len(fragments["der-pkcs8"]) > 1000
+        assert len(fragments["d-bytes"]) >= 255
+        for name, fragment in fragments.items():
+            for column, cell in cells.items():
+                assert fragment not in cell, f"{name} found in signing_keys.{column}"
+            assert fragment not in whole_row, name
+        public = json.loads(row["public_jwk"])
+        assert set(public) == PUBLIC_MEMBERS
+        # The blob really is this key, sealed with the KEK: opening it gives the same private numbers.
+        opened = decrypt_private_key(issuer.services.settings.kek, loaded.record.kid, bytes(row["private_key_enc"]))
+        assert opened.private_numbers() == private.private_numbers()
+
+
+async def test_another_kek_does_not_decrypt(issuer: IssuerHarness, engine: AsyncEngine) -> None:
+    (row,) = await key_rows(engine)
+    blob = bytes(row["private_key_enc"])
+    other = Secret(secrets.token_bytes(32))
+    with pytest.raises(KeyDecryptionError):
+        decrypt_private_key(other, row["kid"], blob)
+    # A KEK one bit away fails just the same.
+    kek = bytearray(issuer.services.settings.kek.reveal())
+    kek[0] ^= 1
+    with pytest.raises(KeyDecryptionError):
+        decrypt_private_key(Secret(bytes(kek)), row["kid"], blob)
+    # Control: the right KEK opens it.
+    decrypt_private_key(issuer.services.settings.kek, row["kid"], blob)
+
+
+async def test_tampered_ciphertext_does_not_decrypt(issuer: IssuerHarness, engine: AsyncEngine) -> None:
+    (row,) = await key_rows(engine)
+    kek = issuer.services.settings.kek
+    blob = bytearray(row["private_key_enc"])
+    for position in (0, 12, len(blob) // 2, len(blob) - 1):
+        tampered = bytearray(blob)
+        tampered[position] ^= 0x01
+        with pytest.raises(KeyDecryptionError):
+            decrypt_private_key(kek, row["kid"], bytes(tampered))
+
+
+async def test_startup_with_another_kek_fails_naming_issuer_kek(
+    settings: Settings, clock: FakeClock, engine: AsyncEngine
+) -> None:
+    async with running_issuer(settings, clock) as harness:
+        assert harness.services.keys.signing_key(clock()) is not None
+    assert len(await key_rows(engine)) == 1
+
+    wrong = with_settings(settings, kek=Secret(secrets.token_bytes(32)))
+    with pytest.raises(KeyDecryptionError) as caught:
+        await start_issuer(wrong, clock)
+    message = str(caught.value)
+    assert "ISSUER_KEK" in message
+    assert "\n" not in message
+    assert wrong.kek.reveal().hex() not in message
+    # It did not "repair" the table by creating a fresh key it can open.
+    assert len(await key_rows(engine)) == 1
+
+    # Control: the right KEK still starts.
+    async with running_issuer(settings, clock) as harness:
+        assert harness.services.keys.signing_key(clock()) is not None
+
+
+async def test_ciphertext_is_bound_to_its_kid(settings: Settings, clock: FakeClock, engine: AsyncEngine) -> None:
+    async with running_issuer(settings, clock):
+        pass
+    second = new_key_record(
+        settings.kek, now=clock(), activate_at=clock() + timedelta(seconds=settings.key_publish_lead)
+    )
+    (first,) = await key_rows(engine)
+    # A second, published key, as a rotation would write it (generations are unique per table).
+    second = replace(second, generation=first["generation"] + 1)
+    async with engine.begin() as conn:
+        await insert_key(conn, second)
+    rows = await key_rows(engine)
+    assert len(rows) == 2
+    first_row, second_row = rows
+    first_blob, second_blob = bytes(first_row["private_key_enc"]), bytes(second_row["private_key_enc"])
+
+    # Control: each blob opens under its own kid.
+    decrypt_private_key(settings.kek, first_row["kid"], first_blob)
+    decrypt_private_key(settings.kek, second_row["kid"], second_blob)
+    # Same KEK, but the kid is the associated data: a blob moved to another row does not open.
+    with pytest.raises(KeyDecryptionError):
+        decrypt_private_key(settings.kek, first_row["kid"], second_blob)
+    with pytest.raises(KeyDecryptionError):
+        decrypt_private_key(settings.kek, second_row["kid"], first_blob)
+
+    # Swap the blobs in the database: the issuer refuses to start rather than sign under the wrong kid.
+    async with engine.begin() as conn:
+        for kid, blob in ((first_row["kid"], second_blob), (second_row["kid"], first_blob)):
+            await conn.execute(update(signing_keys).where(signing_keys.c.kid == kid).values(private_key_enc=blob))
+    with pytest.raises(KeyDecryptionError):
+        await start_issuer(settings, clock)
+
+
+def test_encryption_uses_a_fresh_nonce(settings: Settings, clock: FakeClock) -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    first = new_key_record(settings.kek, now=clock(), activate_at=clock(), private_key=private)
+    second = new_key_record(settings.kek, now=clock(), activate_at=clock(), private_key=private)
+    assert first.kid == second.kid
+    assert first.private_key_enc != second.private_key_enc
+    assert first.private_key_enc[:12] != second.private_key_enc[:12]
+
+
+async def test_failed_startup_closes_its_connection_pool(
+    settings: Settings, clock: FakeClock, engine: AsyncEngine
+) -> None:
+    async with running_issuer(settings, clock):
+        pass
+    app = create_app(with_settings(settings, kek=Secret(secrets.token_bytes(32))), clock=clock)
+    pool = app.state.services.engine.pool
+    try:
+        with pytest.raises(KeyDecryptionError):
+            async with app.router.lifespan_context(app):
+                pass
+        assert pool.checkedin() == 0, "an idle connection was left open in the pool"
+    finally:
+        await app.state.services.engine.dispose()
