@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     importing.add_argument("--now", action="store_true", help="sign with it at once (caches may not know it)")
     importing.set_defaults(handler=_keys_import)
     prune = key_commands.add_parser(
-        "prune", help="delete keys that are gone or revoked", description="Delete keys that can never be used again."
+        "prune",
+        help="delete keys that are gone",
+        description="Delete keys past their retiring window. Revoked keys are kept, so they cannot be imported again.",
     )
     prune.set_defaults(handler=_keys_prune)
     return parser

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -31,7 +32,7 @@ def load_rsa_private_key(path: Path) -> rsa.RSAPrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise KeyImportError(f"{path} is password-protected; decrypt it first") from None
-    except (ValueError, serialization.UnsupportedAlgorithm) as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyImportError(f"{path} does not hold a readable private key ({exc})") from None
     if not isinstance(key, rsa.RSAPrivateKey):
         kind = type(key).__name__.removesuffix("PrivateKey").lstrip("_") or "non-RSA"

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer import store
 from issuer.clock import Clock
-from issuer.keys import KeyRecord, KeyRing, KeyState, LoadedKey, key_state, new_key_record
+from issuer.keys import KeyRecord, KeyRing, KeyState, LoadedKey, decrypt_private_key, key_state, new_key_record
 from issuer.rotation import KeyPlan, RotationRefused, plan_revocation, plan_rotation, prunable, rotation_due
 from issuer.settings import Settings
 
@@ -82,7 +82,12 @@ class KeyManager:
             if fingerprint == self._fingerprint:
                 return
             grace = self._ring.retire_grace
-            self._ring = KeyRing.load(_still_relevant(records, self._clock(), grace), self._settings.kek, grace)
+            relevant = _still_relevant(records, self._clock(), grace)
+            if records and not relevant:
+                # Nothing left to decrypt, but a wrong KEK must still stop us before we write keys under it.
+                newest = max(records, key=lambda r: r.generation)
+                decrypt_private_key(self._settings.kek, newest.kid, newest.private_key_enc)
+            self._ring = KeyRing.load(relevant, self._settings.kek, grace)
             self._fingerprint = fingerprint
 
     # ------------------------------------------------------------ changing

@@ -23,7 +23,7 @@ class KeyPlan:
     """What to write: at most one new row, and timestamp changes to existing rows (kid -> field -> value)."""
 
     insert: KeyRecord | None = None
-    updates: dict[str, dict[str, datetime]] = field(default_factory=dict)
+    updates: dict[str, dict[str, datetime | None]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
 
@@ -59,7 +59,7 @@ def plan_rotation(
     inserted = replace(
         new, publish_at=now, activate_at=activate_at, created_at=now, generation=next_generation(records)
     )
-    updates: dict[str, dict[str, datetime]] = {}
+    updates: dict[str, dict[str, datetime | None]] = {}
     for record in records:
         state = key_state(record, now, grace)
         if state in {KeyState.ACTIVE, KeyState.PUBLISHED} and (
@@ -86,9 +86,15 @@ def plan_revocation(
         raise RotationRefused(f"no key with kid {kid}")
     if key_state(target, now, grace) in {KeyState.REVOKED, KeyState.GONE}:
         raise RotationRefused(f"key {kid} is already {key_state(target, now, grace).value}")
-    updates: dict[str, dict[str, datetime]] = {kid: {"revoked_at": now}}
+    updates: dict[str, dict[str, datetime | None]] = {kid: {"revoked_at": now}}
     survivors = [r for r in records if r.kid != kid]
-    if any(key_state(r, now, grace) is KeyState.ACTIVE for r in survivors):
+    active = [r for r in survivors if key_state(r, now, grace) is KeyState.ACTIVE]
+    if active:
+        signer = max(active, key=lambda r: (r.activate_at, r.kid))
+        if signer.retire_at is not None and not _has_successor(signer.kid, signer.retire_at, survivors):
+            # The revoked key was to take over from the signer; the signer must not retire into nothing.
+            updates[signer.kid] = {"retire_at": None}
+            return KeyPlan(updates=updates, warnings=(f"key {signer.kid} keeps signing; rotate again to replace it",))
         return KeyPlan(updates=updates)
     # Only a key not already scheduled to retire can take over.
     published = [
@@ -112,6 +118,14 @@ def plan_revocation(
     )
 
 
+def _has_successor(signer: str, at: datetime, survivors: Sequence[KeyRecord]) -> bool:
+    """Whether a key other than ``signer``, and not revoked, signs from ``at`` (when ``signer`` retires)."""
+    return any(
+        r.kid != signer and r.revoked_at is None and r.activate_at <= at and (r.retire_at is None or r.retire_at > at)
+        for r in survivors
+    )
+
+
 def rotation_due(records: Sequence[KeyRecord], *, now: datetime, interval: timedelta, grace: timedelta) -> bool:
     """Scheduled rotation: the newest usable key was published at least ``interval`` ago, none is waiting."""
     if interval <= timedelta(0):
@@ -126,5 +140,6 @@ def rotation_due(records: Sequence[KeyRecord], *, now: datetime, interval: timed
 
 
 def prunable(records: Sequence[KeyRecord], *, now: datetime, grace: timedelta) -> list[str]:
-    """Keys that can never be served or used again."""
-    return [r.kid for r in records if key_state(r, now, grace) in {KeyState.GONE, KeyState.REVOKED}]
+    """Keys past their retiring window. Revoked keys stay as tombstones, so a compromised key can never be
+    imported again."""
+    return [r.kid for r in records if key_state(r, now, grace) is KeyState.GONE]

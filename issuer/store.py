@@ -273,7 +273,7 @@ async def insert_key(conn: AsyncConnection, record: KeyRecord) -> None:
     )
 
 
-async def update_key(conn: AsyncConnection, kid: str, values: dict[str, datetime]) -> None:
+async def update_key(conn: AsyncConnection, kid: str, values: dict[str, datetime | None]) -> None:
     allowed = {"activate_at", "retire_at", "revoked_at"}
     if not set(values) <= allowed:
         raise ValueError(f"cannot update {sorted(set(values) - allowed)} of a signing key")
