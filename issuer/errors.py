@@ -80,6 +80,11 @@ class RefreshTokenReused(InvalidGrant):
 
     description = "The refresh token was already used; the session has been revoked."
 
+    def __init__(self, description: str | None = None, *, family_revoked: bool = False) -> None:
+        super().__init__(description)
+        # True for the one request that revoked the family: N racing thieves are one detection, not N.
+        self.family_revoked = family_revoked
+
 
 class Unauthenticated(IssuerError):
     """No credentials at all: RFC 6750 section 3.1 says the challenge carries no error code."""

@@ -26,7 +26,7 @@ from issuer.store import Family, User
 
 log = logging.getLogger("issuer.families")
 
-_TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def new_refresh_token() -> str:
@@ -95,7 +95,7 @@ class RefreshFamilies:
         self, presented: str, *, now: datetime, ip: str | None = None, user_agent: str | None = None
     ) -> Rotation:
         """Consume ``presented`` and return its successor; raise :class:`InvalidGrant` otherwise."""
-        if not _TOKEN_SHAPE.match(presented):
+        if not _TOKEN_SHAPE.fullmatch(presented):
             raise InvalidGrant()
         presented_hash = token_hash(presented)
         successor = self.successor_of(presented)
@@ -125,7 +125,8 @@ class RefreshFamilies:
             replay = await self._replay(conn, token.consumed_at, successor, now)
             if replay is not None:
                 user = await store.user_by_id(conn, family.user_id)
-                assert user is not None
+                if user is None:  # no lock is held here: the account was deleted after the reads above
+                    raise InvalidGrant("The refresh token's session has ended.")
                 return Rotation(user, IssuedRefresh(successor, family.id, replay), replayed=True)
             revoked_now = await store.revoke_family(conn, family.id, now, "reuse")
         if revoked_now:
@@ -139,7 +140,7 @@ class RefreshFamilies:
                     "user_agent": user_agent,
                 },
             )
-        raise RefreshTokenReused()
+        raise RefreshTokenReused(family_revoked=revoked_now)
 
     async def _replay(
         self, conn: AsyncConnection, consumed_at: datetime, successor: str, now: datetime
@@ -155,7 +156,7 @@ class RefreshFamilies:
 
     async def revoke_by_token(self, presented: str, *, now: datetime, reason: str = "logout") -> str | None:
         """Revoke the family a token belongs to, whatever state the token is in; returns the family id."""
-        if not _TOKEN_SHAPE.match(presented):
+        if not _TOKEN_SHAPE.fullmatch(presented):
             return None
         async with self._engine.begin() as conn:
             row = await store.token_by_hash(conn, token_hash(presented))
@@ -170,6 +171,10 @@ class RefreshFamilies:
 
     async def revoke_session(self, user_id: str, family_id: str, *, now: datetime) -> None:
         """Revoke one of the user's own families; someone else's id is indistinguishable from a missing one."""
+        try:
+            uuid.UUID(family_id)  # ids are UUIDs; anything else (a NUL byte breaks PostgreSQL) is just missing
+        except ValueError:
+            raise NotFound("No such session.") from None
         async with self._engine.begin() as conn:
             family = await store.family_by_id(conn, family_id)
             if family is None or family.user_id != user_id:

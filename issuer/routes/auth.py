@@ -95,9 +95,10 @@ async def refresh(request: Request) -> Response:
     now = svc.clock()
     try:
         rotation = await svc.families.rotate(presented, now=now, ip=ip, user_agent=user_agent(request))
-    except RefreshTokenReused:
+    except RefreshTokenReused as exc:
         svc.metrics.refreshes.labels("reuse").inc()
-        svc.metrics.reuse_detections.inc()
+        if exc.family_revoked:
+            svc.metrics.reuse_detections.inc()
         raise
     except InvalidGrant:
         svc.metrics.refreshes.labels("invalid_grant").inc()
