@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from issuer.cleanup import cleanup
 from issuer.clock import Clock, system_clock
 from issuer.errors import IssuerError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response, render_error
 from issuer.routes import auth, health, wellknown
@@ -38,11 +42,18 @@ def create_app(
                 "USING THE GENERATED DEVELOPMENT KEY-ENCRYPTION KEY (keys/dev-kek); "
                 "set ISSUER_KEK or ISSUER_KEK_FILE for anything but a laptop"
             )
+        cleaner: asyncio.Task[None] | None = None
         try:
             await services.keys.ensure_signing_key()
             services.keys.start_background()
+            if settings.cleanup_interval > 0:
+                cleaner = asyncio.create_task(_clean_periodically(services), name="issuer-cleanup")
             yield
         finally:
+            if cleaner is not None:
+                cleaner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await cleaner
             await services.keys.stop()
             await services.engine.dispose()
 
@@ -61,8 +72,44 @@ def create_app(
     )
     app.state.services = services
     app.state.metadata = wellknown.metadata_document(settings)
+    services.metrics.signing_key_age.set_function(lambda: _signing_key_age(services))
+    if settings.allowed_origins:
+        # Browsers on these origins may call the cookie endpoints with credentials; others get no CORS
+        # headers, and their cookie requests are refused by the Origin check in the routes.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_credentials=True,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type"],
+            max_age=600,
+        )
     app.add_middleware(ResponseHeaders, services=services)
     return app
+
+
+def _signing_key_age(services: Services) -> float:
+    now = services.clock()
+    key = services.keys.signing_key(now)
+    return 0.0 if key is None else (now - key.record.activate_at).total_seconds()
+
+
+async def _clean_periodically(services: Services) -> None:
+    settings = services.settings
+    while True:
+        await asyncio.sleep(settings.cleanup_interval)
+        try:
+            report = await cleanup(
+                services.engine,
+                now=services.clock(),
+                retention=timedelta(seconds=settings.cleanup_retention),
+                failure_window=services.lockout.policy.window,
+            )
+        except Exception:
+            log.exception("periodic cleanup failed; will retry at the next interval")
+            continue
+        for kind in ("tokens", "families", "login_failures"):
+            services.metrics.cleanup_deleted.labels(kind).inc(getattr(report, kind))
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,14 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from issuer.cleanup import cleanup
 from issuer.clock import system_clock
 from issuer.db import create_engine
 from issuer.key_import import KeyImportError, load_rsa_private_key
 from issuer.key_manager import KeyManager
 from issuer.keys import KeyDecryptionError, key_state
+from issuer.lockout import LockoutPolicy
+from issuer.logs import uvicorn_log_config
 from issuer.rotation import KeyPlan, RotationRefused
 from issuer.settings import ConfigError, Settings
 
@@ -65,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         "migrate", help="bring the schema to the latest version", description="Apply Alembic migrations (idempotent)."
     )
     migrate.set_defaults(handler=_migrate)
+
+    clean = commands.add_parser(
+        "cleanup",
+        help="delete expired refresh tokens and ended sessions",
+        description="Delete refresh tokens and families that ended more than CLEANUP_RETENTION seconds ago, and "
+        "stale login-failure counters, in small batches.",
+    )
+    clean.set_defaults(handler=_cleanup)
 
     keys = commands.add_parser("keys", help="manage signing keys", description="Manage signing keys.")
     key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -128,6 +140,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         workers=args.workers,
         proxy_headers=False,  # X-Forwarded-For is judged by TRUSTED_PROXIES in the app, not by uvicorn
         server_header=False,
+        log_config=uvicorn_log_config(),
     )
     return 0
 
@@ -152,6 +165,26 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     upgrade(settings.database_url)
     print("issuer: schema is up to date")
     return 0
+
+
+def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        try:
+            report = await cleanup(
+                engine,
+                now=system_clock(),
+                retention=timedelta(seconds=settings.cleanup_retention),
+                failure_window=LockoutPolicy(threshold=settings.login_lockout_threshold).window,
+            )
+        finally:
+            await engine.dispose()
+        print(
+            f"deleted {report.tokens} refresh token(s), {report.families} session(s), "
+            f"{report.login_failures} login-failure counter(s)"
+        )
+
+    return _run(run)
 
 
 # ---------------------------------------------------------------- keys

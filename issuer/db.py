@@ -114,6 +114,16 @@ signing_keys = Table(
     Column("generation", BigInteger, nullable=False, unique=True),
 )
 
+login_failures = Table(
+    "login_failures",
+    metadata,
+    # The normalized email, whether or not an account has it: throttling must not reveal which exist.
+    Column("email", String(254), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("last_failure_at", UTCDateTime, nullable=False, index=True),
+    Column("locked_until", UTCDateTime, nullable=True),
+)
+
 Index("ix_refresh_families_user_active", families.c.user_id, families.c.revoked_at)
 
 

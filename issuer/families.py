@@ -24,7 +24,7 @@ from issuer import store
 from issuer.errors import InvalidGrant, NotFound, RefreshTokenReused
 from issuer.store import Family, User
 
-log = logging.getLogger("issuer.families")
+log = logging.getLogger("issuer.audit")
 
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
 

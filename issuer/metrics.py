@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -25,6 +25,20 @@ class Metrics:
         )
         self.db_errors = Counter(
             "issuer_database_errors_total", "Requests that failed because the database failed", registry=self.registry
+        )
+        self.throttled = Counter(
+            "issuer_throttled_requests_total",
+            "Requests refused with 429, by reason (ip rate limit, account lock-out)",
+            ["route", "reason"],
+            registry=self.registry,
+        )
+        self.signing_key_age = Gauge(
+            "issuer_signing_key_age_seconds",
+            "Seconds since the active signing key started signing",
+            registry=self.registry,
+        )
+        self.cleanup_deleted = Counter(
+            "issuer_cleanup_deleted_total", "Rows deleted by cleanup", ["kind"], registry=self.registry
         )
         self.latency = Histogram(
             "issuer_request_duration_seconds",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,9 +17,11 @@ from issuer.clock import Clock, system_clock
 from issuer.db import create_engine
 from issuer.families import FamilyPolicy, RefreshFamilies
 from issuer.key_manager import KeyManager
+from issuer.lockout import LockoutPolicy, LoginLockout
 from issuer.metrics import Metrics
 from issuer.passwords import Passwords
 from issuer.settings import Settings
+from issuer.throttle import IpRateLimiter
 
 
 @dataclass
@@ -31,9 +35,17 @@ class Services:
     accounts: Accounts
     families: RefreshFamilies
     bearer: BearerAuth
+    lockout: LoginLockout
+    ip_limiter: IpRateLimiter
 
     @classmethod
-    def build(cls, settings: Settings, clock: Clock = system_clock, engine: AsyncEngine | None = None) -> Services:
+    def build(
+        cls,
+        settings: Settings,
+        clock: Clock = system_clock,
+        engine: AsyncEngine | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> Services:
         engine = engine or create_engine(settings.database_url)
         metrics = Metrics()
         keys = KeyManager(engine, settings, clock)
@@ -53,6 +65,8 @@ class Services:
             accounts=Accounts(engine, passwords),
             families=RefreshFamilies(engine, policy, successor_secret(settings)),
             bearer=BearerAuth(engine, keys, settings, clock, metrics),
+            lockout=LoginLockout(engine, LockoutPolicy(threshold=settings.login_lockout_threshold)),
+            ip_limiter=IpRateLimiter(settings.rate_limit_per_ip, monotonic),
         )
 
 

@@ -70,6 +70,10 @@ class Settings:
     kek_is_dev: bool = False
     argon2: Argon2Params = field(default_factory=Argon2Params)
     key_reload_interval: int = 10
+    rate_limit_per_ip: int = 120
+    login_lockout_threshold: int = 5
+    cleanup_interval: int = 3600
+    cleanup_retention: int = 604800
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, *, dev_kek_path: Path = DEV_KEK_PATH) -> Settings:
@@ -91,6 +95,10 @@ class Settings:
             key_publish_lead=_int(env, "KEY_PUBLISH_LEAD", 2 * jwks_max_age, minimum=0),
             key_rotation_interval=_int(env, "KEY_ROTATION_INTERVAL", 0, minimum=0),
             key_reload_interval=_int(env, "KEY_RELOAD_INTERVAL", 10, minimum=1),
+            rate_limit_per_ip=_int(env, "RATE_LIMIT_PER_IP", 120, minimum=0),
+            login_lockout_threshold=_int(env, "LOGIN_LOCKOUT_THRESHOLD", 5, minimum=0),
+            cleanup_interval=_int(env, "CLEANUP_INTERVAL", 3600, minimum=0),
+            cleanup_retention=_int(env, "CLEANUP_RETENTION", 604800, minimum=0),
             allowed_origins=_csv(env, "ALLOWED_ORIGINS"),
             trusted_proxies=_csv(env, "TRUSTED_PROXIES"),
             kek=kek,

@@ -12,7 +12,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from issuer.accounts import check_password_shape, normalize_email
-from issuer.errors import InvalidCredentials, InvalidGrant, InvalidRequest, RefreshTokenReused, ServiceUnavailable
+from issuer.errors import (
+    InvalidCredentials,
+    InvalidGrant,
+    InvalidRequest,
+    RefreshTokenReused,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from issuer.families import IssuedRefresh
 from issuer.http import check_origin, client_ip, read_json_object, user_agent
 from issuer.services import Services
@@ -44,13 +51,25 @@ def _string_field(data: dict[str, Any], name: str) -> str:
     return value
 
 
+def throttle_ip(svc: Services, request: Request, route: str) -> str | None:
+    """The client address, after taking a token from its bucket (429 when empty)."""
+    ip = client_ip(request, svc.settings)
+    wait = svc.ip_limiter.acquire(ip)
+    if wait:
+        svc.metrics.throttled.labels(route, "ip").inc()
+        log.info("rate limited", extra={"event": "rate_limited", "route": route, "ip": ip})
+        raise TooManyRequests(int(wait), "Too many requests from this address; try again later.")
+    return ip
+
+
 async def register(request: Request) -> Response:
     svc = services(request)
+    ip = throttle_ip(svc, request, "register")
     data = await read_json_object(request)
     email = normalize_email(data["email"]) if "email" in data else _missing("email")
     password = check_password_shape(data["password"], new=True) if "password" in data else _missing("password")
     user = await svc.accounts.register(email, password, now=svc.clock())
-    log.info("account registered", extra={"event": "register", "user_id": user.id})
+    log.info("account registered", extra={"event": "register", "user_id": user.id, "ip": ip})
     return JSONResponse({"user": user_json(user)}, status_code=201, headers=NO_STORE)
 
 
@@ -60,28 +79,43 @@ def _missing(name: str) -> str:
 
 async def login(request: Request) -> Response:
     svc = services(request)
+    ip = throttle_ip(svc, request, "login")
     data = await read_json_object(request)
     transport = data.get("token_transport", "cookie")
     if transport not in TRANSPORTS:
         raise InvalidRequest("'token_transport' must be 'cookie' or 'body'.")
     email = normalize_email(data["email"]) if "email" in data else _missing("email")
     password = check_password_shape(data["password"], new=False) if "password" in data else _missing("password")
-    ip = client_ip(request, svc.settings)
+    agent = user_agent(request)
+    try:
+        # Locked emails are refused before the password is even checked, known account or not.
+        await svc.lockout.check(email, svc.clock())
+    except TooManyRequests:
+        svc.metrics.logins.labels("locked").inc()
+        svc.metrics.throttled.labels("login", "account").inc()
+        log.info("login refused: account locked", extra={"event": "login_locked", "ip": ip, "user_agent": agent})
+        raise
     try:
         user = await svc.accounts.authenticate(email, password)
     except InvalidCredentials:
+        await svc.lockout.record_failure(email, svc.clock())
         svc.metrics.logins.labels("invalid_credentials").inc()
-        log.info("login failed", extra={"event": "login_failed", "ip": ip})
+        log.info("login failed", extra={"event": "login_failed", "ip": ip, "user_agent": agent})
         raise
+    await svc.lockout.record_success(email)
     now = svc.clock()
-    refresh = await svc.families.start(user, now=now, user_agent=user_agent(request), ip=ip)
+    refresh = await svc.families.start(user, now=now, user_agent=agent, ip=ip)
     svc.metrics.logins.labels("success").inc()
-    log.info("login", extra={"event": "login", "user_id": user.id, "family_id": refresh.family_id, "ip": ip})
+    log.info(
+        "login",
+        extra={"event": "login", "user_id": user.id, "family_id": refresh.family_id, "ip": ip, "user_agent": agent},
+    )
     return token_response(svc, user, refresh, now, transport)
 
 
 async def refresh(request: Request) -> Response:
     svc = services(request)
+    ip = throttle_ip(svc, request, "refresh")
     data = await read_json_object(request, allow_empty=True)
     if "refresh_token" in data:
         presented, transport = _string_field(data, "refresh_token"), "body"
@@ -91,7 +125,6 @@ async def refresh(request: Request) -> Response:
     if not presented:
         svc.metrics.refreshes.labels("missing").inc()
         raise InvalidGrant("No refresh token was presented.")
-    ip = client_ip(request, svc.settings)
     now = svc.clock()
     try:
         rotation = await svc.families.rotate(presented, now=now, ip=ip, user_agent=user_agent(request))
@@ -104,6 +137,16 @@ async def refresh(request: Request) -> Response:
         svc.metrics.refreshes.labels("invalid_grant").inc()
         raise
     svc.metrics.refreshes.labels("replayed" if rotation.replayed else "success").inc()
+    log.info(
+        "refresh",
+        extra={
+            "event": "refresh",
+            "user_id": rotation.user.id,
+            "family_id": rotation.refresh.family_id,
+            "ip": ip,
+            "replayed": rotation.replayed,
+        },
+    )
     return token_response(svc, rotation.user, rotation.refresh, now, transport)
 
 

@@ -1,4 +1,4 @@
-"""Initial schema: users, refresh-token families, refresh tokens, signing keys.
+"""Initial schema: users, refresh-token families, refresh tokens, signing keys, login failures.
 
 Revision ID: 0001
 Revises:
@@ -84,7 +84,20 @@ def upgrade() -> None:
     )
 
 
+    op.create_table(
+        "login_failures",
+        sa.Column("email", sa.String(254), nullable=False),
+        sa.Column("failures", sa.Integer(), nullable=False),
+        sa.Column("last_failure_at", TS, nullable=False),
+        sa.Column("locked_until", TS, nullable=True),
+        sa.PrimaryKeyConstraint("email", name="pk_login_failures"),
+    )
+    op.create_index("ix_login_failures_last_failure_at", "login_failures", ["last_failure_at"])
+
+
 def downgrade() -> None:
+    op.drop_index("ix_login_failures_last_failure_at", table_name="login_failures")
+    op.drop_table("login_failures")
     op.drop_table("signing_keys")
     op.drop_index("ix_refresh_tokens_expires_at", table_name="refresh_tokens")
     op.drop_index("ix_refresh_tokens_family_id", table_name="refresh_tokens")

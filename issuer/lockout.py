@@ -1,0 +1,85 @@
+"""Per-account login back-off, kept in the database so it holds across replicas.
+
+Failures are counted per normalized email whether or not the account exists, so a 429 never tells an
+attacker which emails are registered. After ``threshold`` failures each further failure locks the
+email for an exponentially growing time (1 s, 2 s, 4 s, ... capped at ``max_lock``); while locked, even
+the right password is refused. A success clears the count; failures older than ``window`` are forgotten.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import case, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from issuer.db import login_failures
+from issuer.errors import TooManyRequests
+
+
+@dataclass(frozen=True)
+class LockoutPolicy:
+    threshold: int
+    window: timedelta = timedelta(minutes=15)
+    base_lock: timedelta = timedelta(seconds=1)
+    max_lock: timedelta = timedelta(minutes=15)
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0
+
+    def lock_for(self, failures: int) -> timedelta | None:
+        over = failures - self.threshold
+        if not self.enabled or over < 0:
+            return None
+        return min(self.max_lock, self.base_lock * (2 ** min(over, 30)))
+
+
+class LoginLockout:
+    def __init__(self, engine: AsyncEngine, policy: LockoutPolicy) -> None:
+        self._engine = engine
+        self._policy = policy
+
+    @property
+    def policy(self) -> LockoutPolicy:
+        return self._policy
+
+    async def check(self, email: str, now: datetime) -> None:
+        """Raise TooManyRequests while the email is locked."""
+        if not self._policy.enabled:
+            return
+        async with self._engine.connect() as conn:
+            locked_until = (
+                await conn.execute(select(login_failures.c.locked_until).where(login_failures.c.email == email))
+            ).scalar_one_or_none()
+        if locked_until is not None and locked_until > now:
+            retry = math.ceil((locked_until - now).total_seconds())
+            raise TooManyRequests(retry, "Too many failed logins for this account; try again later.")
+
+    async def record_failure(self, email: str, now: datetime) -> None:
+        if not self._policy.enabled:
+            return
+        # One upsert counts the failure atomically (the row lock serializes concurrent failures from many
+        # IPs), then the lock time follows from the count it returned.
+        async with self._engine.begin() as conn:
+            insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            table = login_failures
+            statement = insert(table).values(email=email, failures=1, last_failure_at=now, locked_until=None)
+            counted = case((table.c.last_failure_at < now - self._policy.window, 1), else_=table.c.failures + 1)
+            statement = statement.on_conflict_do_update(
+                index_elements=["email"], set_={"failures": counted, "last_failure_at": now}
+            ).returning(table.c.failures)
+            failures = (await conn.execute(statement)).scalar_one()
+            lock = self._policy.lock_for(failures)
+            if lock is not None:
+                await conn.execute(update(table).where(table.c.email == email).values(locked_until=now + lock))
+
+    async def record_success(self, email: str) -> None:
+        if not self._policy.enabled:
+            return
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(login_failures).where(login_failures.c.email == email))
