@@ -19,10 +19,13 @@ MAX_PASSWORD_LENGTH = 1024
 
 
 def normalize_email(value: object) -> str:
-    """Trim and lower-case; enforce the contract's shape. Lengths are in code points."""
+    """Trim, lower-case and NFC-normalize; enforce the contract's shape. Lengths are in code points.
+
+    NFC: "ü" typed as one code point or as "u" plus a combining mark is the same address, not two accounts.
+    """
     if not isinstance(value, str):
         raise InvalidRequest("'email' must be a string.")
-    email = value.strip().lower()
+    email = unicodedata.normalize("NFC", value.strip().lower())
     if len(email) > MAX_EMAIL_LENGTH:
         raise InvalidRequest(f"'email' must be at most {MAX_EMAIL_LENGTH} characters.")
     local, at, domain = email.partition("@")
@@ -42,7 +45,13 @@ def check_password_shape(value: object, *, new: bool) -> str:
         raise InvalidRequest(f"'password' must be at least {MIN_PASSWORD_LENGTH} characters.")
     if "\x00" in value:
         raise InvalidRequest("'password' must not contain NUL characters.")
-    return value
+    try:
+        # JSON can carry lone surrogates ("\ud800"); they cannot be hashed, so refuse them here, not with a 500.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("'password' must be valid Unicode text.") from None
+    # NIST SP 800-63B 5.1.1.2: the same password typed as another Unicode sequence must still match.
+    return unicodedata.normalize("NFKC", value)
 
 
 class Accounts:

@@ -115,7 +115,8 @@ async def _clean_periodically(services: Services) -> None:
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed())
+        # RFC 9110 section 15.5.6: a 405 lists the allowed methods; Starlette put them in exc.headers.
+        return error_response(MethodNotAllowed(), dict(exc.headers or {}))
     if exc.status_code == 404:
         return error_response(NotFound())
     return error_response(_GenericHTTPError(exc.status_code, exc.detail))

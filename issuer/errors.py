@@ -152,8 +152,8 @@ class ServiceUnavailable(IssuerError):
         return {"Retry-After": str(self.retry_after)}
 
 
-def error_response(exc: IssuerError) -> Response:
-    headers = {"Cache-Control": "no-store", **exc.headers()}
+def error_response(exc: IssuerError, extra_headers: dict[str, str] | None = None) -> Response:
+    headers = {"Cache-Control": "no-store", **(extra_headers or {}), **exc.headers()}
     body = {"error": exc.error, "error_description": exc.detail}
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
