@@ -87,6 +87,7 @@ async def login(request: Request) -> Response:
     email = normalize_email(data["email"]) if "email" in data else _missing("email")
     password = check_password_shape(data["password"], new=False) if "password" in data else _missing("password")
     agent = user_agent(request)
+    _require_signing_key(svc)
     try:
         # Locked emails are refused before the password is even checked, known account or not.
         await svc.lockout.check(email, svc.clock())
@@ -125,6 +126,7 @@ async def refresh(request: Request) -> Response:
     if not presented:
         svc.metrics.refreshes.labels("missing").inc()
         raise InvalidGrant("No refresh token was presented.")
+    _require_signing_key(svc)
     now = svc.clock()
     try:
         rotation = await svc.families.rotate(presented, now=now, ip=ip, user_agent=user_agent(request))
@@ -221,6 +223,13 @@ async def delete_account(request: Request) -> Response:
     response = Response(status_code=204, headers=NO_STORE)
     _clear_cookie(response, svc)
     return response
+
+
+def _require_signing_key(svc: Services) -> None:
+    """Refuse before writing anything: a session started or a token rotated with no way to sign the
+    access token would cost the client its refresh token for nothing."""
+    if svc.keys.signing_key(svc.clock()) is None:
+        raise ServiceUnavailable("No signing key is active.")
 
 
 def token_response(svc: Services, user: User, refresh: IssuedRefresh, now: datetime, transport: str) -> Response:

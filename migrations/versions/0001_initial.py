@@ -83,7 +83,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("generation", name="uq_signing_keys_generation"),
     )
 
-
     op.create_table(
         "login_failures",
         sa.Column("email", sa.String(254), nullable=False),
