@@ -28,6 +28,9 @@ from issuer.settings import Settings
 
 log = logging.getLogger("issuer")
 
+# On every response: added by ResponseHeaders, and by the 500 handler (which runs outside all middleware).
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
+
 
 def create_app(
     settings: Settings | None = None, *, clock: Clock = system_clock, services: Services | None = None
@@ -137,7 +140,11 @@ async def _database_down(request: Request, exc: Exception) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    return error_response(IssuerError())
+    # Starlette calls this from ServerErrorMiddleware, outside every user middleware: add the headers here.
+    response = error_response(IssuerError())
+    for name, value in SECURITY_HEADERS:
+        response.headers[name.decode()] = value.decode()
+    return response
 
 
 class ResponseHeaders:
@@ -156,8 +163,7 @@ class ResponseHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers.append((b"x-content-type-options", b"nosniff"))
-                headers.append((b"referrer-policy", b"no-referrer"))
+                headers.extend(SECURITY_HEADERS)
                 message["headers"] = headers
             await send(message)
 

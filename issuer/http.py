@@ -61,7 +61,9 @@ def client_ip(request: Request, settings: Settings) -> str | None:
     peer = request.client.host if request.client else None
     if peer is None or not settings.trusted_proxies or not _is_trusted(peer, settings.trusted_proxies):
         return peer
-    forwarded = request.headers.get("x-forwarded-for", "")
+    # Several header lines are one comma-separated list in order (RFC 9110 section 5.3); a proxy may append
+    # its own line after one the client sent, so reading only the first line would believe the client.
+    forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
     hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _is_trusted(hop, settings.trusted_proxies):

@@ -25,6 +25,7 @@ from issuer.rotation import KeyPlan, RotationRefused, plan_revocation, plan_rota
 from issuer.settings import Settings
 
 log = logging.getLogger("issuer.keys")
+audit = logging.getLogger("issuer.audit")
 
 _Planner = Callable[[list[KeyRecord], datetime], KeyPlan | None]
 
@@ -116,7 +117,7 @@ class KeyManager:
             return None
         if applied is None or applied.insert is None:
             return None
-        log.warning("created signing key %s, active now", fresh.kid, extra={"event": "key_created", "kid": fresh.kid})
+        audit.warning("created signing key %s, active now", fresh.kid, extra={"event": "key_created", "kid": fresh.kid})
         return applied.insert
 
     async def rotate(self, *, immediate: bool = False, private_key: rsa.RSAPrivateKey | None = None) -> KeyPlan:
@@ -132,7 +133,7 @@ class KeyManager:
         )
         assert applied is not None
         assert applied.insert is not None
-        log.warning(
+        audit.warning(
             "key %s published; signs from %s",
             applied.insert.kid,
             f"{applied.insert.activate_at:%Y-%m-%dT%H:%M:%SZ}",
@@ -149,7 +150,7 @@ class KeyManager:
             lambda records, now: plan_revocation(records, kid, replacement, now=now, grace=grace)
         )
         assert applied is not None
-        log.warning("key %s revoked", kid, extra={"event": "key_revoked", "kid": kid})
+        audit.warning("key %s revoked", kid, extra={"event": "key_revoked", "kid": kid})
         return applied
 
     async def prune(self) -> list[str]:
@@ -184,7 +185,7 @@ class KeyManager:
             await self.reload()
             return None
         if applied is not None and applied.insert is not None:
-            log.warning(
+            audit.warning(
                 "scheduled rotation: key %s published",
                 applied.insert.kid,
                 extra={"event": "key_rotated", "kid": applied.insert.kid, "scheduled": True},

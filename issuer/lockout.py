@@ -4,6 +4,11 @@ Failures are counted per normalized email whether or not the account exists, so 
 attacker which emails are registered. After ``threshold`` failures each further failure locks the
 email for an exponentially growing time (1 s, 2 s, 4 s, ... capped at ``max_lock``); while locked, even
 the right password is refused. A success clears the count; failures older than ``window`` are forgotten.
+
+An attempt is counted *before* its password is checked, in the same atomic statement that checks the
+lock, and stays counted as a failure unless it succeeds. Checking first and counting after the password
+check would let a burst of parallel guesses (from many addresses and replicas) all pass the check before
+the first failure was recorded.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, delete, select, update
+from sqlalchemy import case, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,7 +29,8 @@ from issuer.errors import TooManyRequests
 @dataclass(frozen=True)
 class LockoutPolicy:
     threshold: int
-    window: timedelta = timedelta(minutes=15)
+    # Longer than max_lock: an attacker at the cap who waits out one lock must not find the count reset.
+    window: timedelta = timedelta(hours=1)
     base_lock: timedelta = timedelta(seconds=1)
     max_lock: timedelta = timedelta(minutes=15)
 
@@ -48,32 +54,29 @@ class LoginLockout:
     def policy(self) -> LockoutPolicy:
         return self._policy
 
-    async def check(self, email: str, now: datetime) -> None:
-        """Raise TooManyRequests while the email is locked."""
+    async def begin_attempt(self, email: str, now: datetime) -> None:
+        """Count a login attempt as a failure, or raise TooManyRequests (counting nothing) while locked."""
         if not self._policy.enabled:
             return
-        async with self._engine.connect() as conn:
-            locked_until = (
-                await conn.execute(select(login_failures.c.locked_until).where(login_failures.c.email == email))
-            ).scalar_one_or_none()
-        if locked_until is not None and locked_until > now:
-            retry = math.ceil((locked_until - now).total_seconds())
-            raise TooManyRequests(retry, "Too many failed logins for this account; try again later.")
-
-    async def record_failure(self, email: str, now: datetime) -> None:
-        if not self._policy.enabled:
-            return
-        # One upsert counts the failure atomically (the row lock serializes concurrent failures from many
-        # IPs), then the lock time follows from the count it returned.
+        # One upsert checks the lock and counts the attempt atomically: the row lock serializes concurrent
+        # attempts from every replica. While locked its WHERE matches nothing, so nothing is returned.
         async with self._engine.begin() as conn:
             insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
             table = login_failures
             statement = insert(table).values(email=email, failures=1, last_failure_at=now, locked_until=None)
             counted = case((table.c.last_failure_at < now - self._policy.window, 1), else_=table.c.failures + 1)
             statement = statement.on_conflict_do_update(
-                index_elements=["email"], set_={"failures": counted, "last_failure_at": now}
+                index_elements=["email"],
+                set_={"failures": counted, "last_failure_at": now},
+                where=or_(table.c.locked_until.is_(None), table.c.locked_until <= now),
             ).returning(table.c.failures)
-            failures = (await conn.execute(statement)).scalar_one()
+            failures = (await conn.execute(statement)).scalar_one_or_none()
+            if failures is None:
+                locked_until = (
+                    await conn.execute(select(table.c.locked_until).where(table.c.email == email))
+                ).scalar_one()
+                retry = math.ceil((locked_until - now).total_seconds())
+                raise TooManyRequests(retry, "Too many failed logins for this account; try again later.")
             lock = self._policy.lock_for(failures)
             if lock is not None:
                 await conn.execute(update(table).where(table.c.email == email).values(locked_until=now + lock))

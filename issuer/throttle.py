@@ -6,12 +6,27 @@ which is what stops password guessing, lives in the database and holds across re
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_TRACKED_ADDRESSES = 100_000
+
+
+def bucket_key(address: str) -> str:
+    """IPv6 clients are limited per /64: one subscriber usually holds a whole /64, so per-address buckets
+    would give an attacker endless fresh ones (and let them flush everyone else's)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 @dataclass
@@ -37,6 +52,7 @@ class IpRateLimiter:
         """Take one token; returns 0 when allowed, else the seconds until a token is available."""
         if not self.enabled or address is None:
             return 0.0
+        address = bucket_key(address)
         now = self._monotonic()
         bucket = self._buckets.get(address)
         if bucket is None:

@@ -89,8 +89,10 @@ async def login(request: Request) -> Response:
     agent = user_agent(request)
     _require_signing_key(svc)
     try:
-        # Locked emails are refused before the password is even checked, known account or not.
-        await svc.lockout.check(email, svc.clock())
+        # Locked emails are refused before the password is even checked, known account or not. The attempt
+        # is counted (as a failure until it succeeds) atomically with that check: parallel guesses cannot
+        # all slip past it.
+        await svc.lockout.begin_attempt(email, svc.clock())
     except TooManyRequests:
         svc.metrics.logins.labels("locked").inc()
         svc.metrics.throttled.labels("login", "account").inc()
@@ -99,7 +101,6 @@ async def login(request: Request) -> Response:
     try:
         user = await svc.accounts.authenticate(email, password)
     except InvalidCredentials:
-        await svc.lockout.record_failure(email, svc.clock())
         svc.metrics.logins.labels("invalid_credentials").inc()
         log.info("login failed", extra={"event": "login_failed", "ip": ip, "user_agent": agent})
         raise

@@ -1,0 +1,77 @@
+"""Helpers for the operations tests: throttling, faults, metrics, cleanup (not collected: no ``test_`` prefix)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from issuer.app import create_app
+from issuer.db import create_engine, login_failures
+from issuer.services import Services
+from issuer.settings import Settings
+from tests.conftest import FakeClock, IssuerHarness
+
+
+class FakeMonotonic:
+    """The per-IP token bucket's clock, moved by the test."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@contextlib.asynccontextmanager
+async def running_issuer_with_monotonic(
+    settings: Settings, clock: FakeClock, monotonic: FakeMonotonic
+) -> AsyncIterator[IssuerHarness]:
+    """Like ``running_issuer``, but the per-IP limiter reads ``monotonic``."""
+    services = Services.build(settings, clock, monotonic=monotonic)
+    app = create_app(settings, clock=clock, services=services)
+    async with app.router.lifespan_context(app):
+        yield IssuerHarness(app, clock)
+
+
+async def clear_login_failures(database_url: str) -> None:
+    """conftest truncates the other tables after each test, not this one: the throttling tests clean it."""
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(delete(login_failures))
+    finally:
+        await engine.dispose()
+
+
+async def failure_row(engine: AsyncEngine, email: str) -> tuple[int, object] | None:
+    """(failures, locked_until) of the login_failures row for ``email``, or None."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(login_failures.c.failures, login_failures.c.locked_until).where(login_failures.c.email == email)
+            )
+        ).one_or_none()
+    return None if row is None else (row.failures, row.locked_until)
+
+
+def sample(services: Services, name: str, labels: dict[str, str] | None = None) -> float:
+    """A metric sample's current value from the app's own registry (0 when the series does not exist yet)."""
+    value = services.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def retry_after(response: httpx.Response) -> int:
+    """The Retry-After header as delta-seconds; fails on anything else (an HTTP date, a fraction)."""
+    raw = response.headers.get("retry-after")
+    assert raw is not None, f"no Retry-After on {response.status_code}: {response.headers}"
+    assert raw.isdigit(), f"Retry-After is not integer seconds: {raw!r}"
+    seconds = int(raw)
+    assert seconds >= 1, raw
+    return seconds

@@ -1,0 +1,264 @@
+"""Browser-facing protections: the Origin check on cookie endpoints, CORS for allowed origins, and the
+security headers every response carries."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from issuer import store
+from issuer.settings import Settings
+from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
+from tests.family_support import refresh_cookie_request, set_cookie_attributes
+from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.ops_support import FakeMonotonic, clear_login_failures, running_issuer_with_monotonic
+
+APP = "https://app.example"
+EVIL = "https://evil.example"
+
+
+@pytest.fixture(autouse=True)
+async def _fresh_login_failures(pg_url: str) -> AsyncIterator[None]:
+    yield
+    await clear_login_failures(pg_url)
+
+
+@pytest.fixture
+async def browser_app(settings: Settings, clock: FakeClock) -> AsyncIterator[IssuerHarness]:
+    async with running_issuer(with_settings(settings, allowed_origins=(APP,)), clock) as harness:
+        yield harness
+
+
+async def cookie_login(client: httpx.AsyncClient) -> str:
+    response = await client.post("/auth/login", json={"email": "alice@example.com", "password": PASSWORD})
+    assert response.status_code == 200, response.text
+    return set_cookie_attributes(response)["refresh_token"]
+
+
+async def cookie_refresh(client: httpx.AsyncClient, token: str, origin: str | None) -> httpx.Response:
+    headers = refresh_cookie_request(client, token)
+    if origin is not None:
+        headers["Origin"] = origin
+    return await client.post("/auth/refresh", headers=headers)
+
+
+def assert_no_cors_grant(response: httpx.Response) -> None:
+    assert "access-control-allow-origin" not in response.headers, response.headers
+
+
+# ---------------------------------------------------------------- Origin check and CORS
+
+
+async def test_cookie_refresh_from_foreign_origin_is_403_and_consumes_nothing(browser_app: IssuerHarness) -> None:
+    async with browser_app.client() as client:
+        await register(client)
+        token = await cookie_login(client)
+        for origin in (EVIL, "null", f"{APP}.evil.example", "http://app.example", f"{APP}:444", APP.upper()):
+            refused = await cookie_refresh(client, token, origin)
+            assert_error(refused, 403, "forbidden")
+            assert_no_cors_grant(refused)
+            assert "set-cookie" not in refused.headers
+            assert refused.headers["x-content-type-options"] == "nosniff"
+        # Refused requests did not consume the token: the allowed origin can still use it.
+        allowed = await cookie_refresh(client, token, APP)
+        assert allowed.status_code == 200, allowed.text
+        assert allowed.headers["access-control-allow-origin"] == APP
+        assert allowed.headers["access-control-allow-credentials"] == "true"
+        assert "origin" in allowed.headers.get("vary", "").lower()
+        assert allowed.headers["cache-control"] == "no-store"
+        renewed = set_cookie_attributes(allowed)["refresh_token"]
+        assert renewed != token
+        # The issuer's own origin and non-browser clients (no Origin) are allowed too.
+        own = await cookie_refresh(client, renewed, ISSUER_URL)
+        assert own.status_code == 200
+        assert (await cookie_refresh(client, set_cookie_attributes(own)["refresh_token"], None)).status_code == 200
+
+
+async def test_cookie_logout_origin_check(browser_app: IssuerHarness) -> None:
+    async with browser_app.client() as client:
+        await register(client)
+        token = await cookie_login(client)
+        headers = {**refresh_cookie_request(client, token), "Origin": EVIL}
+        refused = await client.post("/auth/logout", headers=headers)
+        assert_error(refused, 403, "forbidden")
+        assert "set-cookie" not in refused.headers  # the cookie is not cleared by a refused request
+        # Still alive after the refused logout.
+        alive = await cookie_refresh(client, token, APP)
+        assert alive.status_code == 200
+        token = set_cookie_attributes(alive)["refresh_token"]
+        headers = {**refresh_cookie_request(client, token), "Origin": APP}
+        done = await client.post("/auth/logout", headers=headers)
+        assert done.status_code == 204
+        assert done.headers["access-control-allow-origin"] == APP
+        assert set_cookie_attributes(done)["max-age"] == "0"
+        assert_error(await cookie_refresh(client, token, APP), 401, "invalid_grant")
+
+
+async def test_body_transport_is_not_subject_to_the_cookie_origin_check(browser_app: IssuerHarness) -> None:
+    """A token in the body is not an ambient credential: no CSRF, so any Origin may present it (no CORS grant)."""
+    async with browser_app.client() as client:
+        await register(client)
+        tokens = await login(client)
+        response = await client.post(
+            "/auth/refresh", json={"refresh_token": tokens["refresh_token"]}, headers={"Origin": EVIL}
+        )
+        assert response.status_code == 200
+        assert_no_cors_grant(response)
+        # ... but an empty body with the cookie from a foreign origin is the cookie path, and is refused.
+        token = await cookie_login(client)
+        headers = {**refresh_cookie_request(client, token), "Origin": EVIL, "Content-Type": "application/json"}
+        assert_error(await client.post("/auth/refresh", content=b"{}", headers=headers), 403, "forbidden")
+
+
+@pytest.mark.parametrize("path", ["/auth/refresh", "/auth/logout", "/auth/login", "/auth/me"])
+async def test_preflight(browser_app: IssuerHarness, path: str) -> None:
+    async with browser_app.client() as client:
+        allowed = await client.options(
+            path,
+            headers={
+                "Origin": APP,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        assert allowed.status_code in (200, 204), allowed.text
+        assert allowed.headers["access-control-allow-origin"] == APP
+        assert allowed.headers["access-control-allow-credentials"] == "true"
+        assert "POST" in allowed.headers["access-control-allow-methods"]
+        assert allowed.headers["x-content-type-options"] == "nosniff"
+
+        foreign = await client.options(path, headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"})
+        assert_no_cors_grant(foreign)
+        assert foreign.status_code != 500
+        assert foreign.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_no_wildcard_origin_ever(browser_app: IssuerHarness) -> None:
+    async with browser_app.client() as client:
+        await register(client)
+        for path in ("/.well-known/jwks.json", "/healthz", "/.well-known/openid-configuration"):
+            for origin in (APP, EVIL):
+                response = await client.get(path, headers={"Origin": origin})
+                assert response.headers.get("access-control-allow-origin") in (None, APP)
+                if origin == EVIL:
+                    assert_no_cors_grant(response)
+
+
+async def test_without_allowed_origins_no_cors_at_all(client: httpx.AsyncClient) -> None:
+    await register(client)
+    token = await cookie_login(client)
+    response = await cookie_refresh(client, token, ISSUER_URL)
+    assert response.status_code == 200
+    preflight = await client.options("/auth/refresh", headers={"Origin": APP, "Access-Control-Request-Method": "POST"})
+    assert_no_cors_grant(preflight)
+    assert_error(await cookie_refresh(client, set_cookie_attributes(response)["refresh_token"], APP), 403, "forbidden")
+
+
+# ---------------------------------------------------------------- headers on every response
+
+
+async def test_every_response_has_nosniff(
+    settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monotonic = FakeMonotonic()
+    configured = with_settings(settings, allowed_origins=(APP,), rate_limit_per_ip=50)
+    async with running_issuer_with_monotonic(configured, clock, monotonic) as harness:
+        transport = httpx.ASGITransport(app=harness.app, client=(CLIENT_IP, 40000), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url=ISSUER_URL) as client:
+            responses: dict[str, httpx.Response] = {}
+            responses["register 201"] = await client.post(
+                "/auth/register", json={"email": "alice@example.com", "password": PASSWORD}
+            )
+            tokens = await login(client)
+            responses["login cookie"] = await client.post(
+                "/auth/login", json={"email": "alice@example.com", "password": PASSWORD}
+            )
+            responses["refresh"] = await refresh_body(client, tokens["refresh_token"])
+            access = responses["refresh"].json()["access_token"]
+            responses["me"] = await client.get("/auth/me", headers=bearer(access))
+            responses["sessions"] = await client.get("/auth/sessions", headers=bearer(access))
+            responses["logout 204"] = await client.post("/auth/logout", json={"refresh_token": "x" * 43})
+            jwks = await client.get("/.well-known/jwks.json")
+            responses["jwks"] = jwks
+            responses["jwks 304"] = await client.get(
+                "/.well-known/jwks.json", headers={"If-None-Match": jwks.headers["etag"]}
+            )
+            responses["metadata"] = await client.get("/.well-known/oauth-authorization-server")
+            responses["healthz"] = await client.get("/healthz")
+            responses["readyz"] = await client.get("/readyz")
+            responses["metrics"] = await client.get("/metrics")
+            responses["400"] = await client.post(
+                "/auth/login", content=b"{not json", headers={"Content-Type": "application/json"}
+            )
+            responses["401"] = await client.get("/auth/me")
+            responses["403"] = await client.post("/auth/refresh", headers={"Origin": EVIL})
+            responses["404"] = await client.get("/nope")
+            responses["405"] = await client.get("/auth/login")
+            responses["409"] = await client.post(
+                "/auth/register", json={"email": "alice@example.com", "password": PASSWORD}
+            )
+            responses["413"] = await client.post(
+                "/auth/login", content=b"x" * 20000, headers={"Content-Type": "application/json"}
+            )
+            responses["preflight"] = await client.options(
+                "/auth/refresh", headers={"Origin": APP, "Access-Control-Request-Method": "POST"}
+            )
+            responses["preflight foreign"] = await client.options(
+                "/auth/refresh", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"}
+            )
+
+            original = store.user_by_id
+
+            async def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("an unexpected bug")
+
+            monkeypatch.setattr(store, "user_by_id", broken)
+            responses["500"] = await client.get("/auth/me", headers=bearer(access))
+            monkeypatch.setattr(store, "user_by_id", original)
+            assert_error(responses["500"], 500, "server_error")
+            assert "unexpected bug" not in responses["500"].text
+
+            for _ in range(60):
+                last = await client.post("/auth/refresh", json={"refresh_token": "A" * 43})
+                if last.status_code == 429:
+                    break
+            responses["429"] = last
+
+    assert responses["429"].status_code == 429
+    for name, response in responses.items():
+        assert response.headers.get("x-content-type-options") == "nosniff", (name, response.status_code)
+        assert len(response.headers.get_list("x-content-type-options")) == 1, name
+
+
+async def test_token_responses_are_not_cacheable(client: httpx.AsyncClient) -> None:
+    await register(client)
+    body = await client.post(
+        "/auth/login", json={"email": "alice@example.com", "password": PASSWORD, "token_transport": "body"}
+    )
+    cookie = await client.post("/auth/login", json={"email": "alice@example.com", "password": PASSWORD})
+    refreshed_body = await refresh_body(client, body.json()["refresh_token"])
+    refreshed_cookie = await cookie_refresh(client, set_cookie_attributes(cookie)["refresh_token"], None)
+    replayed = await refresh_body(client, body.json()["refresh_token"])  # inside the grace window: same successor
+    access = refreshed_body.json()["access_token"]
+    me = await client.get("/auth/me", headers=bearer(access))
+    sessions = await client.get("/auth/sessions", headers=bearer(access))
+    logout = await client.post("/auth/logout", json={"refresh_token": refreshed_body.json()["refresh_token"]})
+    for name, response in {
+        "login body": body,
+        "login cookie": cookie,
+        "refresh body": refreshed_body,
+        "refresh cookie": refreshed_cookie,
+        "replayed": replayed,
+        "me": me,
+        "sessions": sessions,
+        "logout (clears the cookie)": logout,
+    }.items():
+        assert response.status_code in (200, 204), (name, response.text)
+        assert response.headers.get("cache-control") == "no-store", name
+    # JWKS is meant to be cached; it is public material.
+    jwks = await client.get("/.well-known/jwks.json")
+    assert "public" in jwks.headers["cache-control"]
+    assert "no-store" not in jwks.headers["cache-control"]
