@@ -4,7 +4,7 @@
   either way, and reuse of an expired token has nothing left to steal);
 - families that ended (absolute lifetime, idle expiry, or revocation) more than ``retention`` ago,
   with their tokens;
-- login-failure counters older than the lock-out window.
+- login-failure counters older than the lock-out window, and rate buckets idle for an hour.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Delete, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer.db import families, login_failures, refresh_tokens
+from issuer.db import families, login_failures, rate_buckets, refresh_tokens
 
 DEFAULT_BATCH = 1000
 
@@ -69,6 +69,16 @@ async def cleanup(
                     or_(login_failures.c.locked_until.is_(None), login_failures.c.locked_until < now),
                 )
                 .limit(batch)
+            )
+        ),
+    )
+    # An idle bucket is full again after a minute; an hour-old row carries no information.
+    stale_bucket = now.timestamp() - 3600
+    await _in_batches(
+        engine,
+        lambda: delete(rate_buckets).where(
+            rate_buckets.c.bucket.in_(
+                select(rate_buckets.c.bucket).where(rate_buckets.c.updated_at < stale_bucket).limit(batch)
             )
         ),
     )

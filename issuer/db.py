@@ -10,6 +10,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -122,6 +123,16 @@ login_failures = Table(
     Column("failures", Integer, nullable=False),
     Column("last_failure_at", UTCDateTime, nullable=False, index=True),
     Column("locked_until", UTCDateTime, nullable=True),
+)
+
+rate_buckets = Table(
+    "rate_buckets",
+    metadata,
+    # "<scope>:<client address or /64>"; a token bucket shared by every replica.
+    Column("bucket", String(96), primary_key=True),
+    Column("tokens", Float, nullable=False),
+    # Seconds since the epoch, as a float, so the refill is plain arithmetic on every backend.
+    Column("updated_at", Float, nullable=False, index=True),
 )
 
 Index("ix_refresh_families_user_active", families.c.user_id, families.c.revoked_at)

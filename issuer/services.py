@@ -21,7 +21,7 @@ from issuer.lockout import LockoutPolicy, LoginLockout
 from issuer.metrics import Metrics
 from issuer.passwords import Passwords
 from issuer.settings import Settings
-from issuer.throttle import IpRateLimiter
+from issuer.throttle import IpRateLimiter, SharedRateLimiter
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Services:
     bearer: BearerAuth
     lockout: LoginLockout
     ip_limiter: IpRateLimiter
+    account_ip_limiter: SharedRateLimiter
 
     @classmethod
     def build(
@@ -67,6 +68,7 @@ class Services:
             bearer=BearerAuth(engine, keys, settings, clock, metrics),
             lockout=LoginLockout(engine, LockoutPolicy(threshold=settings.login_lockout_threshold)),
             ip_limiter=IpRateLimiter(settings.rate_limit_per_ip, monotonic),
+            account_ip_limiter=SharedRateLimiter(engine, settings.rate_limit_per_ip, "login+register"),
         )
 
 

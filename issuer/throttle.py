@@ -1,7 +1,8 @@
-"""Per-client-IP rate limiting: a token bucket per address, in this process's memory.
+"""Per-client-IP rate limiting with token buckets.
 
-Each replica limits on its own (N replicas admit up to N times the rate); the per-account lock-out,
-which is what stops password guessing, lives in the database and holds across replicas.
+:class:`IpRateLimiter` keeps buckets in this process's memory: right for refresh, where the limit protects
+this process's CPU (refresh tokens are 256-bit, nothing to guess) and the path must stay one round trip.
+:class:`SharedRateLimiter` keeps them in the database, so login and register are limited across replicas.
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import case, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from issuer.db import rate_buckets
 
 MAX_TRACKED_ADDRESSES = 100_000
 
@@ -69,3 +78,51 @@ class IpRateLimiter:
             bucket.tokens -= 1.0
             return 0.0
         return max(1.0, math.ceil((1.0 - bucket.tokens) / self._rate))
+
+
+class SharedRateLimiter:
+    """The same token bucket kept in the database, so the limit holds across replicas.
+
+    Used where the limit protects accounts rather than this process's CPU (login, register). One upsert
+    refills, checks and takes a token atomically; when the bucket is empty its WHERE matches nothing and
+    the row is left as it was.
+    """
+
+    def __init__(self, engine: AsyncEngine, per_minute: int, scope: str) -> None:
+        self._engine = engine
+        self._capacity = float(per_minute)
+        self._rate = per_minute / 60.0
+        self._scope = scope
+
+    @property
+    def enabled(self) -> bool:
+        return self._capacity > 0
+
+    async def acquire(self, address: str | None, now: datetime) -> float:
+        """Take one token; 0 when allowed, else the seconds until one is available."""
+        if not self.enabled or address is None:
+            return 0.0
+        key = f"{self._scope}:{bucket_key(address)}"[:96]
+        at = now.timestamp()
+        table = rate_buckets
+        refilled = table.c.tokens + (at - table.c.updated_at) * self._rate
+        available = case((refilled > self._capacity, self._capacity), else_=refilled)
+        async with self._engine.begin() as conn:
+            insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            statement = (
+                insert(table)
+                .values(bucket=key, tokens=self._capacity - 1.0, updated_at=at)
+                .on_conflict_do_update(
+                    index_elements=["bucket"],
+                    set_={"tokens": available - 1.0, "updated_at": at},
+                    where=available >= 1.0,
+                )
+                .returning(table.c.tokens)
+            )
+            if (await conn.execute(statement)).scalar_one_or_none() is not None:
+                return 0.0
+            tokens, updated = (
+                await conn.execute(select(table.c.tokens, table.c.updated_at).where(table.c.bucket == key))
+            ).one()
+        current = min(self._capacity, tokens + (at - updated) * self._rate)
+        return max(1.0, math.ceil((1.0 - current) / self._rate))

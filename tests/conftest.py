@@ -29,7 +29,7 @@ from issuer.settings import Argon2Params, Secret, Settings
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-TABLES = ("refresh_tokens", "refresh_families", "users", "signing_keys", "login_failures")
+TABLES = ("refresh_tokens", "refresh_families", "users", "signing_keys", "login_failures", "rate_buckets")
 ISSUER_URL = "https://issuer.test"
 CLIENT_IP = "203.0.113.7"
 

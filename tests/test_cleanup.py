@@ -11,17 +11,18 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import insert, select
 
 from issuer.cleanup import cleanup
-from issuer.db import families, login_failures, refresh_tokens
+from issuer.db import create_engine, families, login_failures, rate_buckets, refresh_tokens
 from issuer.errors import InvalidGrant
 from issuer.families import token_hash
 from issuer.settings import Settings
 from issuer.store import User
+from issuer.throttle import SharedRateLimiter
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import assert_single_chain
 from tests.helpers import PASSWORD
@@ -341,3 +342,20 @@ async def test_cleanup_cli_database_unreachable(
     assert result.out == ""
     assert len(result.err_lines) == 1, result.err
     assert result.err_lines[0].startswith("issuer: cannot reach the database")
+
+
+async def test_cleanup_drops_only_idle_rate_buckets(any_db_url: str) -> None:
+    engine = create_engine(any_db_url)
+    try:
+        limiter = SharedRateLimiter(engine, 10, "login+register")
+        start = datetime(2030, 1, 1, tzinfo=UTC)
+        assert await limiter.acquire("192.0.2.1", start) == 0
+        assert await limiter.acquire("192.0.2.2", start + timedelta(minutes=59)) == 0
+        await cleanup(
+            engine, now=start + timedelta(hours=1, seconds=1), retention=timedelta(0), failure_window=timedelta(hours=1)
+        )
+        async with engine.connect() as conn:
+            left = set((await conn.execute(select(rate_buckets.c.bucket))).scalars())
+        assert left == {"login+register:192.0.2.2"}
+    finally:
+        await engine.dispose()

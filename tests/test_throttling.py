@@ -399,6 +399,13 @@ async def _send(client: httpx.AsyncClient, endpoint: str, index: int) -> httpx.R
 EXPECTED_OK = {"login": 401, "register": 201, "refresh": 401}
 
 
+def _advance(harness: IssuerHarness, monotonic: FakeMonotonic, seconds: float) -> None:
+    """Login and register buckets live in the database and follow the app clock; refresh's follow the
+    process's monotonic clock. Move both."""
+    monotonic.advance(seconds)
+    harness.clock.advance(seconds)
+
+
 @pytest.mark.parametrize("endpoint", ["login", "register", "refresh"])
 async def test_ip_limit_on_each_endpoint(limited: IssuerHarness, monotonic: FakeMonotonic, endpoint: str) -> None:
     async with limited.client(ip="192.0.2.10") as client, limited.client(ip="192.0.2.11") as other:
@@ -413,17 +420,37 @@ async def test_ip_limit_on_each_endpoint(limited: IssuerHarness, monotonic: Fake
         assert (await _send(other, endpoint, 100)).status_code == EXPECTED_OK[endpoint]
 
         # Refill: not yet after 11 s, one token after 12 s, and only one.
-        monotonic.advance(11)
+        _advance(limited, monotonic, 11)
         # 1 s left (the limiter may round a float hair up to 2; it never announces less than the true wait).
         assert assert_throttled(await _send(client, endpoint, 6)) in (1, 2)
-        monotonic.advance(1)
+        _advance(limited, monotonic, 1)
         assert (await _send(client, endpoint, 7)).status_code == EXPECTED_OK[endpoint]
         assert_throttled(await _send(client, endpoint, 8))
         # A full minute refills the whole burst, no more.
-        monotonic.advance(3600)
+        _advance(limited, monotonic, 3600)
         for i in range(5):
             assert (await _send(client, endpoint, 20 + i)).status_code == EXPECTED_OK[endpoint]
         assert_throttled(await _send(client, endpoint, 30))
+
+
+async def test_login_and_register_ip_limit_holds_across_replicas(settings: Settings, clock: FakeClock) -> None:
+    """The login/register bucket is in the database: spreading requests over replicas does not multiply it."""
+    configured = with_settings(settings, rate_limit_per_ip=4)
+    async with (
+        running_issuer(configured, clock) as first,
+        running_issuer(configured, clock) as second,
+        first.client(ip="192.0.2.30") as a,
+        second.client(ip="192.0.2.30") as b,
+    ):
+        statuses = []
+        for i in range(3):
+            statuses.append((await _send(a, "login", i)).status_code)
+            statuses.append((await _send(b, "register", i)).status_code)
+        assert statuses[:4] == [401, 201, 401, 201]
+        assert statuses[4:] == [429, 429]
+        # The refresh bucket is per process and separate: still open on both.
+        assert (await _send(a, "refresh", 0)).status_code == 401
+        assert (await _send(b, "refresh", 0)).status_code == 401
 
 
 async def test_throttled_register_writes_nothing(limited: IssuerHarness) -> None:
@@ -440,15 +467,18 @@ async def test_throttled_register_writes_nothing(limited: IssuerHarness) -> None
         assert retry.status_code == 201, retry.text
 
 
-async def test_ip_bucket_is_shared_by_login_register_and_refresh(limited: IssuerHarness) -> None:
+async def test_login_and_register_share_a_bucket_refresh_has_its_own(limited: IssuerHarness) -> None:
     async with limited.client(ip="192.0.2.30") as client:
         assert (await _send(client, "register", 1)).status_code == 201
         assert (await _send(client, "login", 2)).status_code == 401
-        assert (await _send(client, "refresh", 3)).status_code == 401
-        assert (await _send(client, "register", 4)).status_code == 201
-        assert (await _send(client, "login", 5)).status_code == 401
-        for endpoint in ("refresh", "login", "register"):
+        assert (await _send(client, "register", 3)).status_code == 201
+        assert (await _send(client, "login", 4)).status_code == 401
+        assert (await _send(client, "register", 5)).status_code == 201
+        for endpoint in ("login", "register"):
             assert_throttled(await _send(client, endpoint, 6))
+        for i in range(5):
+            assert (await _send(client, "refresh", 10 + i)).status_code == 401
+        assert_throttled(await _send(client, "refresh", 20))
 
 
 async def test_ip_limit_leaves_other_endpoints_alone(limited: IssuerHarness) -> None:

@@ -51,10 +51,17 @@ def _string_field(data: dict[str, Any], name: str) -> str:
     return value
 
 
-def throttle_ip(svc: Services, request: Request, route: str) -> str | None:
-    """The client address, after taking a token from its bucket (429 when empty)."""
+async def throttle_ip(svc: Services, request: Request, route: str) -> str | None:
+    """The client address, after taking a token from its bucket (429 when empty).
+
+    Login and register share a bucket kept in the database (the limit protects accounts, so it must hold
+    across replicas); refresh uses this process's memory (it protects this process's CPU).
+    """
     ip = client_ip(request, svc.settings)
-    wait = svc.ip_limiter.acquire(ip)
+    if route == "refresh":
+        wait = svc.ip_limiter.acquire(ip)
+    else:
+        wait = await svc.account_ip_limiter.acquire(ip, svc.clock())
     if wait:
         svc.metrics.throttled.labels(route, "ip").inc()
         log.info("rate limited", extra={"event": "rate_limited", "route": route, "ip": ip})
@@ -64,7 +71,7 @@ def throttle_ip(svc: Services, request: Request, route: str) -> str | None:
 
 async def register(request: Request) -> Response:
     svc = services(request)
-    ip = throttle_ip(svc, request, "register")
+    ip = await throttle_ip(svc, request, "register")
     data = await read_json_object(request)
     email = normalize_email(data["email"]) if "email" in data else _missing("email")
     password = check_password_shape(data["password"], new=True) if "password" in data else _missing("password")
@@ -79,7 +86,7 @@ def _missing(name: str) -> str:
 
 async def login(request: Request) -> Response:
     svc = services(request)
-    ip = throttle_ip(svc, request, "login")
+    ip = await throttle_ip(svc, request, "login")
     data = await read_json_object(request)
     transport = data.get("token_transport", "cookie")
     if transport not in TRANSPORTS:
@@ -117,7 +124,7 @@ async def login(request: Request) -> Response:
 
 async def refresh(request: Request) -> Response:
     svc = services(request)
-    ip = throttle_ip(svc, request, "refresh")
+    ip = await throttle_ip(svc, request, "refresh")
     data = await read_json_object(request, allow_empty=True)
     if "refresh_token" in data:
         presented, transport = _string_field(data, "refresh_token"), "body"

@@ -1,4 +1,5 @@
-"""Initial schema: users, refresh-token families, refresh tokens, signing keys, login failures.
+"""Initial schema: users, refresh-token families, refresh tokens, signing keys, login failures,
+rate buckets.
 
 Revision ID: 0001
 Revises:
@@ -94,7 +95,19 @@ def upgrade() -> None:
     op.create_index("ix_login_failures_last_failure_at", "login_failures", ["last_failure_at"])
 
 
+    op.create_table(
+        "rate_buckets",
+        sa.Column("bucket", sa.String(96), nullable=False),
+        sa.Column("tokens", sa.Float(), nullable=False),
+        sa.Column("updated_at", sa.Float(), nullable=False),
+        sa.PrimaryKeyConstraint("bucket", name="pk_rate_buckets"),
+    )
+    op.create_index("ix_rate_buckets_updated_at", "rate_buckets", ["updated_at"])
+
+
 def downgrade() -> None:
+    op.drop_index("ix_rate_buckets_updated_at", table_name="rate_buckets")
+    op.drop_table("rate_buckets")
     op.drop_index("ix_login_failures_last_failure_at", table_name="login_failures")
     op.drop_table("login_failures")
     op.drop_table("signing_keys")
