@@ -94,7 +94,6 @@ def upgrade() -> None:
     )
     op.create_index("ix_login_failures_last_failure_at", "login_failures", ["last_failure_at"])
 
-
     op.create_table(
         "rate_buckets",
         sa.Column("bucket", sa.String(96), nullable=False),
