@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import httpx
@@ -26,6 +27,9 @@ from issuer.app import create_app
 from issuer.migrate import upgrade
 from issuer.services import Services
 from issuer.settings import Argon2Params, Secret, Settings
+
+if TYPE_CHECKING:
+    from tests.key_support import Cli
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -203,3 +207,18 @@ async def issuer(settings: Settings, clock: FakeClock) -> AsyncIterator[IssuerHa
 async def client(issuer: IssuerHarness) -> AsyncIterator[httpx.AsyncClient]:
     async with issuer.client() as http:
         yield http
+
+
+@pytest.fixture
+def cli(
+    settings: Settings,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> Cli:
+    """Runs the `issuer` command in-process with exactly the test settings (see tests/key_support.py)."""
+    from tests.key_support import Cli
+
+    monkeypatch.chdir(tmp_path)  # Settings.from_environ must never create keys/dev-kek in the repository
+    return Cli(settings, clock, monkeypatch, capsys)

@@ -6,11 +6,11 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.app import create_app
-from issuer.db import create_engine, login_failures
+from issuer.db import login_failures
 from issuer.services import Services
 from issuer.settings import Settings
 from tests.conftest import FakeClock, IssuerHarness
@@ -38,16 +38,6 @@ async def running_issuer_with_monotonic(
     app = create_app(settings, clock=clock, services=services)
     async with app.router.lifespan_context(app):
         yield IssuerHarness(app, clock)
-
-
-async def clear_login_failures(database_url: str) -> None:
-    """conftest truncates the other tables after each test, not this one: the throttling tests clean it."""
-    engine = create_engine(database_url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(delete(login_failures))
-    finally:
-        await engine.dispose()
 
 
 async def failure_row(engine: AsyncEngine, email: str) -> tuple[int, object] | None:

@@ -27,19 +27,12 @@ from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settin
 from tests.family_support import assert_single_chain
 from tests.helpers import PASSWORD
 from tests.key_support import Cli
-from tests.ops_support import clear_login_failures, sample
+from tests.ops_support import sample
 
 REFRESH_TTL = 600
 SESSION_MAX_AGE = 3000
 RETENTION = timedelta(seconds=1000)
 WINDOW = timedelta(minutes=15)
-
-
-@pytest.fixture(autouse=True)
-async def _fresh_login_failures(pg_url: str) -> AsyncIterator[None]:
-    await clear_login_failures(pg_url)
-    yield
-    await clear_login_failures(pg_url)
 
 
 @pytest.fixture

@@ -27,17 +27,11 @@ from issuer.settings import Settings
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import assert_single_chain
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
-from tests.ops_support import clear_login_failures, retry_after, sample
+from tests.ops_support import retry_after, sample
 
 HANG_LIMIT = 15.0  # seconds; far above the issuer's own bounds (connect 5 s, pool 5 s, command 10 s)
 USERS = 6
 ROUNDS = 24
-
-
-@pytest.fixture(autouse=True)
-async def _fresh_login_failures(pg_url: str) -> AsyncIterator[None]:
-    yield
-    await clear_login_failures(pg_url)
 
 
 async def bounded(request: Awaitable[httpx.Response], limit: float = HANG_LIMIT) -> httpx.Response:

@@ -35,18 +35,6 @@ from tests.key_support import (
 )
 
 
-@pytest.fixture
-def cli(
-    settings: Settings,
-    clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-) -> Cli:
-    monkeypatch.chdir(tmp_path)  # Settings.from_environ must never create keys/dev-kek in the repository
-    return Cli(settings, clock, monkeypatch, capsys)
-
-
 def ts(value: datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
 

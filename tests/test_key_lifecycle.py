@@ -12,7 +12,6 @@ import re
 import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -26,18 +25,6 @@ from tests.helpers import assert_error, bearer, login, register
 from tests.key_support import Cli, by_kid, fetch_jwks, jwks_kids, key_rows, token_kid, verify_with_jwks
 
 JWKS = "/.well-known/jwks.json"
-
-
-@pytest.fixture
-def cli(
-    settings: Settings,
-    clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-) -> Cli:
-    monkeypatch.chdir(tmp_path)  # Settings.from_environ must never create keys/dev-kek in the repository
-    return Cli(settings, clock, monkeypatch, capsys)
 
 
 @contextlib.asynccontextmanager

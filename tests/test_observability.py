@@ -27,18 +27,11 @@ from issuer.settings import Settings
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import refresh_cookie_request, set_cookie_attributes
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
-from tests.ops_support import FakeMonotonic, clear_login_failures, running_issuer_with_monotonic
+from tests.ops_support import FakeMonotonic, running_issuer_with_monotonic
 
 WRONG = "definitely not it"
 USER_AGENT = "TestBrowser/1.0 (audit)"
 AUDIT_IP = "192.0.2.77"
-
-
-@pytest.fixture(autouse=True)
-async def _fresh_login_failures(pg_url: str) -> AsyncIterator[None]:
-    await clear_login_failures(pg_url)
-    yield
-    await clear_login_failures(pg_url)
 
 
 # ---------------------------------------------------------------- reading /metrics like Prometheus does

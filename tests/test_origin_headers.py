@@ -14,16 +14,10 @@ from issuer.settings import Settings
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import refresh_cookie_request, set_cookie_attributes
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
-from tests.ops_support import FakeMonotonic, clear_login_failures, running_issuer_with_monotonic
+from tests.ops_support import FakeMonotonic, running_issuer_with_monotonic
 
 APP = "https://app.example"
 EVIL = "https://evil.example"
-
-
-@pytest.fixture(autouse=True)
-async def _fresh_login_failures(pg_url: str) -> AsyncIterator[None]:
-    yield
-    await clear_login_failures(pg_url)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from tests.conftest import CLIENT_IP, FakeClock, IssuerHarness, running_issuer, 
 from tests.helpers import PASSWORD, assert_error, bearer, login, register
 from tests.ops_support import (
     FakeMonotonic,
-    clear_login_failures,
     failure_row,
     retry_after,
     running_issuer_with_monotonic,
@@ -34,13 +33,6 @@ THRESHOLD = 5
 ALICE = "alice@example.com"
 NOBODY = "nobody@example.com"
 WRONG = "not the right password"
-
-
-@pytest.fixture(autouse=True)
-async def _fresh_login_failures(pg_url: str) -> AsyncIterator[None]:
-    await clear_login_failures(pg_url)
-    yield
-    await clear_login_failures(pg_url)
 
 
 @pytest.fixture
