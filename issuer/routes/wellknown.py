@@ -38,7 +38,6 @@ def metadata_document(settings: Settings) -> bytes:
         "issuer": base,
         "jwks_uri": f"{base}/.well-known/jwks.json",
         "access_token_signing_alg_values_supported": ["RS256"],
-        "token_endpoint_auth_methods_supported": ["none"],
         "registration_endpoint": f"{base}/auth/register",
         "login_endpoint": f"{base}/auth/login",
         "refresh_endpoint": f"{base}/auth/refresh",
