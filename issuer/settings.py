@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./issuer.db"
 DEV_KEK_PATH = Path("keys") / "dev-kek"
 
@@ -84,7 +87,7 @@ class Settings:
         settings = cls(
             issuer_url=_issuer_url(env),
             audience=_nonempty(env, "ISSUER_AUDIENCE", "api"),
-            database_url=_nonempty(env, "DATABASE_URL", DEFAULT_DATABASE_URL),
+            database_url=_database_url(env),
             access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", 900, minimum=1),
             refresh_token_ttl=_int(env, "REFRESH_TOKEN_TTL", 604800, minimum=1),
             session_max_age=_int(env, "SESSION_MAX_AGE", 2592000, minimum=1),
@@ -189,6 +192,22 @@ def _issuer_url(env: Mapping[str, str]) -> str:
 
 
 _BASE64URL_32 = re.compile(r"^[A-Za-z0-9_-]{43}=?$")
+
+
+SUPPORTED_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+
+
+def _database_url(env: Mapping[str, str]) -> str:
+    value = _nonempty(env, "DATABASE_URL", DEFAULT_DATABASE_URL)
+    try:
+        driver = make_url(value).drivername
+    except ArgumentError:
+        raise ConfigError("DATABASE_URL: not a database URL (e.g. postgresql+asyncpg://user@host/db)") from None
+    if driver not in SUPPORTED_DRIVERS:
+        raise ConfigError(
+            f"DATABASE_URL: driver {driver!r} is not supported; use postgresql+asyncpg://... or sqlite+aiosqlite:///..."
+        )
+    return value
 
 
 def decode_kek(text: str, name: str) -> Secret:

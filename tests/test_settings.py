@@ -129,6 +129,18 @@ def test_explicit_values_are_read(tmp_path: Path, dev_kek_path: Path) -> None:
         pytest.param(
             {"JWKS_MAX_AGE": "900", "KEY_PUBLISH_LEAD": "600"}, "KEY_PUBLISH_LEAD", id="lead-below-raised-age"
         ),
+        pytest.param({"DATABASE_URL": "foo"}, "DATABASE_URL", id="database-url-garbage"),
+        pytest.param({"DATABASE_URL": "postgresql://u@h/db"}, "DATABASE_URL", id="database-url-sync-driver"),
+        pytest.param({"DATABASE_URL": "mysql+aiomysql://u@h/db"}, "DATABASE_URL", id="database-url-mysql"),
+        pytest.param(
+            {"REFRESH_TOKEN_TTL": "90000", "SESSION_MAX_AGE": "3600"}, "REFRESH_TOKEN_TTL", id="refresh-over-session"
+        ),
+        pytest.param({"KEY_ROTATION_INTERVAL": "60"}, "KEY_ROTATION_INTERVAL", id="rotation-below-lead"),
+        pytest.param({"KEY_RELOAD_INTERVAL": "0"}, "KEY_RELOAD_INTERVAL", id="reload-zero"),
+        pytest.param({"RATE_LIMIT_PER_IP": "-1"}, "RATE_LIMIT_PER_IP", id="rate-limit-negative"),
+        pytest.param({"LOGIN_LOCKOUT_THRESHOLD": "five"}, "LOGIN_LOCKOUT_THRESHOLD", id="lockout-words"),
+        pytest.param({"CLEANUP_INTERVAL": "hourly"}, "CLEANUP_INTERVAL", id="cleanup-words"),
+        pytest.param({"ARGON2_MEMORY_COST": "1"}, "ARGON2_MEMORY_COST", id="argon2-memory-too-small"),
     ],
 )
 def test_bad_value_stops_with_one_line_naming_the_variable(
