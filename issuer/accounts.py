@@ -84,6 +84,12 @@ class Accounts:
         ok = await self._passwords.verify(None if user is None else user.password_hash, password)
         if user is None or not ok:
             raise InvalidCredentials()
+        if self._passwords.needs_rehash(user.password_hash):
+            # Raised ARGON2_* settings reach existing accounts at their next login; the plaintext is only
+            # available now.
+            new_hash = await self._passwords.hash(password)
+            async with self._engine.begin() as conn:
+                await store.set_password_hash(conn, user.id, user.password_hash, new_hash)
         return user
 
     async def logout_all(self, user_id: str, *, now: datetime) -> None:

@@ -31,6 +31,13 @@ class Passwords:
         ok = await run_in_threadpool(self._verify, target, password)
         return ok and stored_hash is not None
 
+    def needs_rehash(self, stored_hash: str) -> bool:
+        """True when the hash was made with other parameters than the configured ones."""
+        try:
+            return self._hasher.check_needs_rehash(stored_hash)
+        except InvalidHashError:
+            return True
+
     def _verify(self, stored_hash: str, password: str) -> bool:
         try:
             return self._hasher.verify(stored_hash, password)

@@ -85,6 +85,13 @@ async def user_by_id(conn: AsyncConnection, user_id: str) -> User | None:
     return None if row is None else _user(row)
 
 
+async def set_password_hash(conn: AsyncConnection, user_id: str, old_hash: str, new_hash: str) -> None:
+    """Replace the hash only if it is still the one we verified (a concurrent change wins)."""
+    await conn.execute(
+        update(users).where(users.c.id == user_id, users.c.password_hash == old_hash).values(password_hash=new_hash)
+    )
+
+
 async def bump_token_version(conn: AsyncConnection, user_id: str) -> None:
     await conn.execute(update(users).where(users.c.id == user_id).values(token_version=users.c.token_version + 1))
 

@@ -12,7 +12,7 @@ import httpx
 from sqlalchemy import func, select
 
 from issuer.db import families, refresh_tokens, users
-from issuer.settings import Settings
+from issuer.settings import Argon2Params, Settings
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
 
@@ -864,3 +864,24 @@ async def test_unknown_route_and_wrong_method_use_the_error_shape(client: httpx.
         allowed = {m.strip() for m in wrong.headers["allow"].split(",")}
         assert method not in allowed
         assert allowed & {"GET", "POST"}
+
+
+async def test_raised_argon2_parameters_rehash_at_the_next_login(settings: Settings, clock: FakeClock) -> None:
+    """Operators who raise ARGON2_* get every account upgraded at its next successful login, not never."""
+    async with running_issuer(settings, clock) as old, old.client() as client:
+        await register(client, email="rehash@example.com")
+    stronger = with_settings(settings, argon2=Argon2Params(memory_cost_kib=2048, time_cost=2, parallelism=1))
+    async with running_issuer(stronger, clock) as new, new.client() as client:
+        engine = new.services.engine
+        async with engine.connect() as conn:
+            before = (await conn.execute(select(users.c.password_hash))).scalar_one()
+        assert "m=1024,t=1" in before
+        wrong = await client.post("/auth/login", json={"email": "rehash@example.com", "password": "wrong password"})
+        assert wrong.status_code == 401
+        async with engine.connect() as conn:
+            assert (await conn.execute(select(users.c.password_hash))).scalar_one() == before  # no upgrade on failure
+        await login(client, email="rehash@example.com")
+        async with engine.connect() as conn:
+            after = (await conn.execute(select(users.c.password_hash))).scalar_one()
+        assert "m=2048,t=2" in after
+        await login(client, email="rehash@example.com")  # the new hash verifies
