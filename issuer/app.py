@@ -12,6 +12,7 @@ from datetime import timedelta
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -21,7 +22,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from issuer.cleanup import cleanup
 from issuer.clock import Clock, system_clock
-from issuer.errors import IssuerError, MethodNotAllowed, NotFound, ServiceUnavailable, error_response, render_error
+from issuer.errors import (
+    Forbidden,
+    IssuerError,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+    error_response,
+    render_error,
+)
 from issuer.routes import auth, health, wellknown
 from issuer.services import Services
 from issuer.settings import Settings
@@ -80,7 +89,7 @@ def create_app(
         # Browsers on these origins may call the cookie endpoints with credentials; others get no CORS
         # headers, and their cookie requests are refused by the Origin check in the routes.
         app.add_middleware(
-            CORSMiddleware,
+            JsonCORSMiddleware,
             allow_origins=list(settings.allowed_origins),
             allow_credentials=True,
             allow_methods=["GET", "POST", "DELETE"],
@@ -89,6 +98,18 @@ def create_app(
         )
     app.add_middleware(ResponseHeaders, services=services)
     return app
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with refused preflights in the contract's error shape, not plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        reason = bytes(response.body).decode("ascii", "replace")  # e.g. "Disallowed CORS origin, headers"
+        headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+        return error_response(Forbidden(f"CORS preflight refused: {reason.removeprefix('Disallowed CORS ')}."), headers)
 
 
 def _signing_key_age(services: Services) -> float:
