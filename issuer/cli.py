@@ -34,7 +34,7 @@ class CommandError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_protect_kid(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
@@ -48,6 +48,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _protect_kid(argv: list[str]) -> list[str]:
+    """A kid is base64url and one in 64 starts with '-', which argparse would take for an option."""
+    if (
+        argv[:2] == ["keys", "revoke"]
+        and len(argv) == 3
+        and argv[2].startswith("-")
+        and argv[2] not in ("-h", "--help")
+    ):
+        return [*argv[:2], "--", argv[2]]
+    return argv
 
 
 def _short(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from sqlalchemy import update
 
 from issuer.db import create_engine, signing_keys
 from issuer.key_manager import KeyManager
-from issuer.keys import KeyRecord, KeyState
+from issuer.keys import KeyRecord, KeyState, encrypt_private_key, new_key_record
 from issuer.settings import Settings
+from issuer.store import insert_key
 from tests.conftest import FakeClock, IssuerHarness
 from tests.helpers import bearer, login, register
 from tests.key_support import (
@@ -116,6 +118,30 @@ async def test_revoke_unknown_or_already_revoked_kid_is_refused(
     clock.advance(5)
     assert_refused(await cli("keys", "revoke", active), active, "revoked")
     assert await key_rows(settings.database_url) == after_first
+
+
+async def test_revoke_takes_a_kid_that_starts_with_a_dash(
+    settings: Settings, clock: FakeClock, issuer: IssuerHarness, cli: Cli
+) -> None:
+    """One kid in 64 starts with '-' (base64url); argparse must not read it as an option."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    kid = "-dash" + "A" * 38
+    record = replace(
+        new_key_record(settings.kek, now=clock(), activate_at=clock(), private_key=private),
+        kid=kid,
+        private_key_enc=encrypt_private_key(settings.kek, kid, private),
+        generation=1000,
+    )
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.begin() as conn:
+            await insert_key(conn, record)
+    finally:
+        await engine.dispose()
+    result = await cli("keys", "revoke", kid)
+    assert result.code == 0, result
+    assert by_kid(await key_rows(settings.database_url))[kid].revoked_at == clock.now
+    assert (await cli("keys", "revoke", "-no-such-kid")).err_lines == ["issuer: no key with kid -no-such-kid"]
 
 
 # ---------------------------------------------------------------- import
