@@ -22,6 +22,7 @@ from issuer.errors import (
 )
 from issuer.families import IssuedRefresh
 from issuer.http import check_origin, client_ip, read_json_object, user_agent
+from issuer.keys import LoadedKey
 from issuer.services import Services
 from issuer.store import User
 from issuer.tokens import mint_access_token
@@ -94,7 +95,7 @@ async def login(request: Request) -> Response:
     email = normalize_email(data["email"]) if "email" in data else _missing("email")
     password = check_password_shape(data["password"], new=False) if "password" in data else _missing("password")
     agent = user_agent(request)
-    _require_signing_key(svc)
+    key = _require_signing_key(svc)
     try:
         # Locked emails are refused before the password is even checked, known account or not. The attempt
         # is counted (as a failure until it succeeds) atomically with that check: parallel guesses cannot
@@ -119,7 +120,7 @@ async def login(request: Request) -> Response:
         "login",
         extra={"event": "login", "user_id": user.id, "family_id": refresh.family_id, "ip": ip, "user_agent": agent},
     )
-    return token_response(svc, user, refresh, now, transport)
+    return token_response(svc, key, user, refresh, now, transport)
 
 
 async def refresh(request: Request) -> Response:
@@ -134,7 +135,7 @@ async def refresh(request: Request) -> Response:
     if not presented:
         svc.metrics.refreshes.labels("missing").inc()
         raise InvalidGrant("No refresh token was presented.")
-    _require_signing_key(svc)
+    key = _require_signing_key(svc)
     now = svc.clock()
     try:
         rotation = await svc.families.rotate(presented, now=now, ip=ip, user_agent=user_agent(request))
@@ -157,7 +158,7 @@ async def refresh(request: Request) -> Response:
             "replayed": rotation.replayed,
         },
     )
-    return token_response(svc, rotation.user, rotation.refresh, now, transport)
+    return token_response(svc, key, rotation.user, rotation.refresh, now, transport)
 
 
 async def logout(request: Request) -> Response:
@@ -233,17 +234,19 @@ async def delete_account(request: Request) -> Response:
     return response
 
 
-def _require_signing_key(svc: Services) -> None:
-    """Refuse before writing anything: a session started or a token rotated with no way to sign the
-    access token would cost the client its refresh token for nothing."""
-    if svc.keys.signing_key(svc.clock()) is None:
-        raise ServiceUnavailable("No signing key is active.")
-
-
-def token_response(svc: Services, user: User, refresh: IssuedRefresh, now: datetime, transport: str) -> Response:
-    key = svc.keys.signing_key(now)
+def _require_signing_key(svc: Services) -> LoadedKey:
+    """The key to sign with, chosen before anything is written: a session started or a token rotated with
+    no way to sign the access token would cost the client its refresh token for nothing. The key stays
+    published for the whole access-token lifetime, so using it a few milliseconds later is safe."""
+    key = svc.keys.signing_key(svc.clock())
     if key is None:
         raise ServiceUnavailable("No signing key is active.")
+    return key
+
+
+def token_response(
+    svc: Services, key: LoadedKey, user: User, refresh: IssuedRefresh, now: datetime, transport: str
+) -> Response:
     settings = svc.settings
     access = mint_access_token(
         key,
