@@ -20,7 +20,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer import store
 from issuer.clock import Clock
-from issuer.keys import KeyRecord, KeyRing, KeyState, LoadedKey, decrypt_private_key, key_state, new_key_record
+from issuer.keys import (
+    KeyRecord,
+    KeyRing,
+    KeyState,
+    LoadedKey,
+    decrypt_private_key,
+    key_state,
+    new_key_record,
+    signing_record,
+)
 from issuer.rotation import KeyPlan, RotationRefused, plan_revocation, plan_rotation, prunable, rotation_due
 from issuer.settings import Settings
 
@@ -104,7 +113,7 @@ class KeyManager:
         fresh = await asyncio.to_thread(new_key_record, self._settings.kek, now=now, activate_at=now)
 
         def plan(records: list[KeyRecord], now: datetime) -> KeyPlan | None:
-            if any(key_state(r, now, self._ring.retire_grace) is KeyState.ACTIVE for r in records):
+            if signing_record(records, now, self._ring.retire_grace) is not None:
                 return None
             return plan_rotation(
                 records, fresh, now=now, lead=timedelta(0), grace=self._ring.retire_grace, immediate=True

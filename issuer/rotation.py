@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from issuer.keys import KeyRecord, KeyState, key_state
+from issuer.keys import KeyRecord, KeyState, key_state, signing_record
 
 
 class RotationRefused(Exception):
@@ -51,7 +51,7 @@ def plan_rotation(
             "wait for it, or use --now"
         )
     warnings: tuple[str, ...] = ()
-    if not immediate and not any(key_state(r, now, grace) is KeyState.ACTIVE for r in records):
+    if not immediate and signing_record(records, now, grace) is None:
         # Nothing signs, so nothing can break: waiting would only leave the issuer unable to sign.
         immediate = True
         warnings = ("no key was signing, so the new key signs at once",)
@@ -88,9 +88,8 @@ def plan_revocation(
         raise RotationRefused(f"key {kid} is already {key_state(target, now, grace).value}")
     updates: dict[str, dict[str, datetime | None]] = {kid: {"revoked_at": now}}
     survivors = [r for r in records if r.kid != kid]
-    active = [r for r in survivors if key_state(r, now, grace) is KeyState.ACTIVE]
-    if active:
-        signer = max(active, key=lambda r: (r.activate_at, r.kid))
+    signer = signing_record(survivors, now, grace)
+    if signer is not None:
         if signer.retire_at is not None and not _has_successor(signer.kid, signer.retire_at, survivors):
             # The revoked key was to take over from the signer; the signer must not retire into nothing.
             updates[signer.kid] = {"retire_at": None}
