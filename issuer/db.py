@@ -21,9 +21,15 @@ from sqlalchemy import (
     Text,
     event,
 )
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
+
+UpsertInsert = PgInsert | SqliteInsert
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -140,6 +146,13 @@ Index("ix_refresh_families_user_active", families.c.user_id, families.c.revoked_
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
+
+
+def upsert_insert(conn: AsyncConnection, table: Table) -> UpsertInsert:
+    """An INSERT that supports ``on_conflict_do_update``: both backends have one, each in its own dialect."""
+    if conn.dialect.name == "postgresql":
+        return pg_insert(table)
+    return sqlite_insert(table)
 
 
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import case, delete, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer.db import login_failures
+from issuer.db import login_failures, upsert_insert
 from issuer.errors import TooManyRequests
 
 
@@ -61,9 +59,10 @@ class LoginLockout:
         # One upsert checks the lock and counts the attempt atomically: the row lock serializes concurrent
         # attempts from every replica. While locked its WHERE matches nothing, so nothing is returned.
         async with self._engine.begin() as conn:
-            insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
             table = login_failures
-            statement = insert(table).values(email=email, failures=1, last_failure_at=now, locked_until=None)
+            statement = upsert_insert(conn, table).values(
+                email=email, failures=1, last_failure_at=now, locked_until=None
+            )
             counted = case((table.c.last_failure_at < now - self._policy.window, 1), else_=table.c.failures + 1)
             statement = statement.on_conflict_do_update(
                 index_elements=["email"],

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import case, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer.db import rate_buckets
+from issuer.db import rate_buckets, upsert_insert
 
 MAX_TRACKED_ADDRESSES = 100_000
 
@@ -42,6 +40,11 @@ def bucket_key(address: str) -> str:
 class _Bucket:
     tokens: float
     updated: float
+
+
+def _seconds_until_token(tokens: float, per_second: float) -> float:
+    """Whole seconds (at least 1) until a bucket holding ``tokens`` has one to give: the Retry-After value."""
+    return max(1.0, math.ceil((1.0 - tokens) / per_second))
 
 
 class IpRateLimiter:
@@ -77,7 +80,7 @@ class IpRateLimiter:
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0
-        return max(1.0, math.ceil((1.0 - bucket.tokens) / self._rate))
+        return _seconds_until_token(bucket.tokens, self._rate)
 
 
 class SharedRateLimiter:
@@ -108,9 +111,8 @@ class SharedRateLimiter:
         refilled = table.c.tokens + (at - table.c.updated_at) * self._rate
         available = case((refilled > self._capacity, self._capacity), else_=refilled)
         async with self._engine.begin() as conn:
-            insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
             statement = (
-                insert(table)
+                upsert_insert(conn, table)
                 .values(bucket=key, tokens=self._capacity - 1.0, updated_at=at)
                 .on_conflict_do_update(
                     index_elements=["bucket"],
@@ -125,4 +127,4 @@ class SharedRateLimiter:
                 await conn.execute(select(table.c.tokens, table.c.updated_at).where(table.c.bucket == key))
             ).one()
         current = min(self._capacity, tokens + (at - updated) * self._rate)
-        return max(1.0, math.ceil((1.0 - current) / self._rate))
+        return _seconds_until_token(current, self._rate)
