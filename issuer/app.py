@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from issuer.cleanup import cleanup
@@ -31,6 +30,7 @@ from issuer.errors import (
     error_response,
     render_error,
 )
+from issuer.hotpath import DatabaseUnavailable
 from issuer.routes import auth, health, wellknown
 from issuer.services import Services
 from issuer.settings import Settings
@@ -75,6 +75,7 @@ def create_app(
             IssuerError: render_error,
             HTTPException: _http_exception,
             DBAPIError: _database_down,
+            DatabaseUnavailable: _database_down,
             PoolTimeout: _database_down,
             OSError: _database_down,
             TimeoutError: _database_down,
@@ -191,15 +192,6 @@ class ResponseHeaders:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            route = _route_name(scope)
+            # The router records the matched route in the scope: no second matching pass per request.
+            route = getattr(scope.get("route"), "path", "unmatched")
             self.services.metrics.latency.labels(route, scope["method"]).observe(time.perf_counter() - started)
-
-
-def _route_name(scope: Scope) -> str:
-    app = scope.get("app")
-    router = getattr(app, "router", None)
-    for route in getattr(router, "routes", []):
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return getattr(route, "path", "other")
-    return "unmatched"

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
-from issuer import store
+from issuer import hotpath, store
 from issuer.clock import Clock
 from issuer.errors import InvalidToken, Unauthenticated
 from issuer.key_manager import KeyManager
@@ -55,11 +55,10 @@ class BearerAuth:
     async def authenticate(self, request: Request) -> Caller:
         token = bearer_token(request)
         now = self._clock()
-        keys = {kid: loaded.signing_key for kid, loaded in self._keys.ring.verification_keys(now).items()}
         try:
             claims = verify_access_token(
                 token,
-                keys,
+                self._keys.ring.verification_key_map(now),
                 issuer=self._settings.issuer_url,
                 audience=self._settings.audience,
                 now=int(now.timestamp()),
@@ -73,8 +72,7 @@ class BearerAuth:
         if not isinstance(version, int) or isinstance(version, bool):
             self._metrics.token_failures.labels("invalid_claims").inc()
             raise InvalidToken("The access token has an invalid 'tokenVersion' claim.")
-        async with self._engine.connect() as conn:
-            user = await store.user_by_id(conn, claims["sub"])
+        user = await self._user(claims["sub"])
         if user is None:
             self._metrics.token_failures.labels("unknown_user").inc()
             raise InvalidToken("The access token's user no longer exists.")
@@ -82,3 +80,10 @@ class BearerAuth:
             self._metrics.token_failures.labels("revoked").inc()
             raise InvalidToken("The access token has been revoked.")
         return Caller(user, claims)
+
+    async def _user(self, user_id: str) -> User | None:
+        """One indexed lookup; on PostgreSQL one round trip with no transaction around it."""
+        if hotpath.is_postgres(self._engine):
+            return await hotpath.user_by_id(self._engine, user_id)
+        async with self._engine.connect() as conn:
+            return await store.user_by_id(conn, user_id)

@@ -26,6 +26,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 
@@ -172,10 +173,20 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         return engine
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_timeout", 5)
     connect_args = kwargs.pop("connect_args", {})
     # Bounded waits: a dead database must produce a 503 quickly, never a hung request.
     connect_args.setdefault("timeout", 5)
     connect_args.setdefault("command_timeout", 10)
-    return create_async_engine(url, connect_args=connect_args, **kwargs)
+    engine = create_async_engine(url, connect_args=connect_args, **kwargs)
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _refuse_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        """A free liveness check instead of ``pool_pre_ping`` (a round trip on every checkout, which would
+        double the hot path's). asyncpg sees a server-side close (restart, pg_terminate_backend, a proxy
+        dropping the socket) as soon as it arrives; the pool then discards the connection and takes or
+        opens another. A silent partition is caught by the command timeout instead."""
+        if dbapi_connection.driver_connection.is_closed():
+            raise DisconnectionError("pooled connection was closed by the server")
+
+    return engine

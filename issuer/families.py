@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from issuer import store
+from issuer import hotpath, store
 from issuer.errors import InvalidGrant, NotFound, RefreshTokenReused
 from issuer.store import Family, User
 
@@ -100,17 +100,10 @@ class RefreshFamilies:
         presented_hash = token_hash(presented)
         successor = self.successor_of(presented)
 
-        async with self._engine.begin() as conn:
-            family_id = await store.consume_token(conn, presented_hash, now)
-            if family_id is not None:
-                family = await store.family_by_id(conn, family_id)
-                assert family is not None
-                expires = min(now + self._policy.refresh_ttl, family.expires_at)
-                await store.insert_token(conn, token_hash(successor), family_id, now, expires)
-                await store.touch_family(conn, family_id, now, expires)
-                user = await store.user_by_id(conn, family.user_id)
-                assert user is not None  # the FK guarantees it inside this transaction
-                return Rotation(user, IssuedRefresh(successor, family_id, expires), replayed=False)
+        won = await self._consume_and_succeed(presented_hash, token_hash(successor), now)
+        if won is not None:
+            family_id, expires, user = won
+            return Rotation(user, IssuedRefresh(successor, family_id, expires), replayed=False)
 
         # We did not win the conditional update: unknown, expired, revoked, or a repeat. Decide which.
         async with self._engine.begin() as conn:
@@ -141,6 +134,30 @@ class RefreshFamilies:
                 },
             )
         raise RefreshTokenReused(family_revoked=revoked_now)
+
+    async def _consume_and_succeed(
+        self, presented_hash: bytes, successor_hash: bytes, now: datetime
+    ) -> tuple[str, datetime, User] | None:
+        """The winner's path: consume the token, insert its successor, read the user; all or nothing.
+
+        On PostgreSQL this is one statement and one round trip (``hotpath.ROTATE_SQL``); elsewhere the same
+        steps run in one transaction. None when the token was not live (the caller finds out why).
+        """
+        longest = now + self._policy.refresh_ttl
+        if hotpath.is_postgres(self._engine):
+            return await hotpath.rotate(self._engine, presented_hash, successor_hash, now, longest)
+        async with self._engine.begin() as conn:
+            family_id = await store.consume_token(conn, presented_hash, now)
+            if family_id is None:
+                return None
+            family = await store.family_by_id(conn, family_id)
+            assert family is not None
+            expires = min(longest, family.expires_at)
+            await store.insert_token(conn, successor_hash, family_id, now, expires)
+            await store.touch_family(conn, family_id, now, expires)
+            user = await store.user_by_id(conn, family.user_id)
+            assert user is not None  # the FK guarantees it inside this transaction
+            return family_id, expires, user
 
     async def _replay(
         self, conn: AsyncConnection, consumed_at: datetime, successor: str, now: datetime

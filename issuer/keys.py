@@ -15,9 +15,10 @@ import enum
 import hashlib
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -150,6 +151,7 @@ class KeyRing:
     keys: tuple[LoadedKey, ...]
     retire_grace: timedelta
     _jwks_cache: dict[tuple[str, ...], JwksDocument] = field(default_factory=dict, repr=False)
+    _verify_cache: dict[tuple[str, ...], Mapping[str, RSAKey]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, records: Iterable[KeyRecord], kek: Secret, retire_grace: timedelta) -> KeyRing:
@@ -183,8 +185,18 @@ class KeyRing:
         """Keys whose signatures the issuer accepts now: everything in the JWKS."""
         return {k.record.kid: k for k in self.keys if _published(k.record, now, self.retire_grace)}
 
+    def verification_key_map(self, now: datetime) -> Mapping[str, RSAKey]:
+        """``verification_keys`` as kid -> key, built once per distinct published set (per request otherwise)."""
+        published = self._published_kids(now)
+        mapping = self._verify_cache.get(published)
+        if mapping is None:
+            by_kid = {k.record.kid: k.signing_key for k in self.keys}
+            mapping = MappingProxyType({kid: by_kid[kid] for kid in published})
+            self._verify_cache[published] = mapping
+        return mapping
+
     def jwks(self, now: datetime) -> JwksDocument:
-        published = tuple(sorted(k.record.kid for k in self.keys if _published(k.record, now, self.retire_grace)))
+        published = self._published_kids(now)
         document = self._jwks_cache.get(published)
         if document is None:
             by_kid = {k.record.kid: k.record.public_jwk for k in self.keys}
@@ -193,6 +205,9 @@ class KeyRing:
             document = JwksDocument(body, etag)
             self._jwks_cache[published] = document
         return document
+
+    def _published_kids(self, now: datetime) -> tuple[str, ...]:
+        return tuple(sorted(k.record.kid for k in self.keys if _published(k.record, now, self.retire_grace)))
 
 
 def signing_record(records: Iterable[KeyRecord], now: datetime, retire_grace: timedelta) -> KeyRecord | None:

@@ -21,7 +21,8 @@ from joserfc import jwt as jose_jwt
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.exc import OperationalError
 
-from issuer import store
+from issuer import hotpath, store
+from issuer.hotpath import DatabaseUnavailable
 from issuer.logs import JsonFormatter
 from issuer.settings import Settings
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
@@ -281,17 +282,23 @@ async def test_database_errors_are_counted(observed: IssuerHarness, monkeypatch:
     async with observed.client() as client:
         await register(client)
         tokens = await login(client)
-        original = store.user_by_id
 
+        # The portable path raises SQLAlchemy's errors; PostgreSQL's one-round-trip path raises its own.
         async def failing(*args: Any, **kwargs: Any) -> Any:
             raise OperationalError("SELECT ...", {}, Exception("connection lost"))
 
-        monkeypatch.setattr(store, "user_by_id", failing)
-        for _ in range(2):
-            assert_error(
-                await client.get("/auth/me", headers=bearer(tokens["access_token"])), 503, "temporarily_unavailable"
-            )
-        monkeypatch.setattr(store, "user_by_id", original)
+        async def failing_hot(*args: Any, **kwargs: Any) -> Any:
+            raise DatabaseUnavailable("ConnectionDoesNotExistError")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "user_by_id", failing)
+            patch.setattr(hotpath, "fetch_one", failing_hot)
+            for _ in range(2):
+                assert_error(
+                    await client.get("/auth/me", headers=bearer(tokens["access_token"])),
+                    503,
+                    "temporarily_unavailable",
+                )
         assert (await client.get("/auth/me", headers=bearer(tokens["access_token"]))).status_code == 200
         samples = await scrape(client)
     assert value(samples, "issuer_database_errors_total") == 2

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from issuer import store
+from issuer import hotpath, store
 from issuer.settings import Settings
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import refresh_cookie_request, set_cookie_attributes
@@ -204,14 +204,13 @@ async def test_every_response_has_nosniff(
                 "/auth/refresh", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"}
             )
 
-            original = store.user_by_id
-
             async def broken(*args: Any, **kwargs: Any) -> Any:
                 raise RuntimeError("an unexpected bug")
 
-            monkeypatch.setattr(store, "user_by_id", broken)
-            responses["500"] = await client.get("/auth/me", headers=bearer(access))
-            monkeypatch.setattr(store, "user_by_id", original)
+            with monkeypatch.context() as patch:
+                patch.setattr(store, "user_by_id", broken)  # the portable path
+                patch.setattr(hotpath, "user_by_id", broken)  # PostgreSQL's one-round-trip path
+                responses["500"] = await client.get("/auth/me", headers=bearer(access))
             assert_error(responses["500"], 500, "server_error")
             assert "unexpected bug" not in responses["500"].text
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from issuer import store
+from issuer import hotpath
 from issuer.settings import Settings
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import (
@@ -38,7 +38,7 @@ async def strict_issuer(settings: Settings, clock: FakeClock) -> AsyncIterator[I
 
 
 class Contention:
-    """Wraps ``store.consume_token`` to record how many consuming UPDATEs were in flight at once.
+    """Wraps ``hotpath.rotate`` to record how many consuming statements were in flight at once.
 
     A race that the test harness accidentally serialized would prove nothing, so every race asserts that
     several requests were inside the conditional UPDATE together (i.e. contending in PostgreSQL).
@@ -47,9 +47,9 @@ class Contention:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.in_flight = 0
         self.peak = 0
-        original = store.consume_token
+        original = hotpath.rotate
 
-        async def consume_token(*args: object, **kwargs: object) -> str | None:
+        async def rotate(*args: object, **kwargs: object) -> object:
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
             try:
@@ -57,7 +57,7 @@ class Contention:
             finally:
                 self.in_flight -= 1
 
-        monkeypatch.setattr(store, "consume_token", consume_token)
+        monkeypatch.setattr(hotpath, "rotate", rotate)
 
 
 @pytest.fixture

@@ -1,24 +1,32 @@
-"""Faults in the middle of a rotation: the consume-and-replace is one transaction (contract section 4).
+"""Faults in the middle of a rotation: the consume-and-replace is all or nothing (contract section 4).
 
 A failure between consuming the presented token and storing its successor must leave the old state: the
 presented token unconsumed and still redeemable, the family with exactly one live token. A database
 failure is a 503 with ``Retry-After``, never a 500 or a corrupted family.
+
+On SQLite the rotation is several statements in one transaction, so faults are injected between them. On
+PostgreSQL it is one statement (``hotpath.ROTATE_SQL``): faults are made inside the server, after the
+statement has consumed the token (a conflicting successor row, a backend killed while it waits for the
+family's row lock), and in the driver.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from issuer import store
+from issuer.db import families as families_table
 from issuer.db import refresh_tokens
 from issuer.errors import InvalidGrant
 from issuer.settings import Settings
@@ -54,6 +62,21 @@ def fail_once(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException) ->
     return calls
 
 
+def fail_driver_once(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> list[int]:
+    """Make the next asyncpg ``fetchrow`` (the PostgreSQL hot path's only call) raise ``exc``."""
+    original = asyncpg.Connection.fetchrow
+    calls: list[int] = []
+
+    async def failing(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "fetchrow", failing)
+    return calls
+
+
 def db_error() -> OperationalError:
     return OperationalError("INSERT INTO refresh_tokens ...", {}, Exception("boom"))
 
@@ -79,6 +102,13 @@ async def any_issuer(settings: Settings, clock: FakeClock, any_db_url: str) -> A
         yield harness
 
 
+@pytest.fixture
+async def sqlite_issuer(settings: Settings, clock: FakeClock, sqlite_url: str) -> AsyncIterator[IssuerHarness]:
+    """The portable, multi-statement rotation (PostgreSQL runs it as one statement instead)."""
+    async with running_issuer(with_settings(settings, database_url=sqlite_url), clock) as harness:
+        yield harness
+
+
 async def _logged_in(harness: IssuerHarness) -> tuple[str, str]:
     async with harness.client() as client:
         await register(client)
@@ -93,10 +123,10 @@ FAULT_POINTS = ["family_by_id", "insert_token", "touch_family", "user_by_id"]
 @pytest.mark.parametrize("point", FAULT_POINTS)
 @pytest.mark.parametrize("exc", [Injected("crash"), db_error(), TimeoutError()], ids=["crash", "db_error", "timeout"])
 async def test_failure_after_consume_rolls_back(
-    any_issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch, point: str, exc: BaseException
+    sqlite_issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch, point: str, exc: BaseException
 ) -> None:
-    engine, clock, families = any_issuer.services.engine, any_issuer.clock, any_issuer.services.families
-    token, family_id = await _logged_in(any_issuer)
+    engine, clock, families = sqlite_issuer.services.engine, sqlite_issuer.clock, sqlite_issuer.services.families
+    token, family_id = await _logged_in(sqlite_issuer)
     consumed_in_failed_attempt: list[str | None] = []
     original_consume = store.consume_token
 
@@ -146,10 +176,10 @@ async def test_failure_while_revoking_on_reuse_leaves_family_to_be_revoked_on_re
         await families.rotate(successor, now=clock())
 
 
-async def test_cancelled_rotation_rolls_back(any_issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cancelled_rotation_rolls_back(sqlite_issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request task cancelled mid-rotation (client gone, server shutting down) consumes nothing."""
-    engine, clock, families = any_issuer.services.engine, any_issuer.clock, any_issuer.services.families
-    token, family_id = await _logged_in(any_issuer)
+    engine, clock, families = sqlite_issuer.services.engine, sqlite_issuer.clock, sqlite_issuer.services.families
+    token, family_id = await _logged_in(sqlite_issuer)
     reached = asyncio.Event()
     original = store.insert_token
 
@@ -177,12 +207,13 @@ async def test_cancelled_rotation_rolls_back(any_issuer: IssuerHarness, monkeypa
 @pytest.mark.parametrize(
     "exc",
     [
-        db_error(),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
         PoolTimeout("QueuePool limit reached"),
         TimeoutError(),
         ConnectionResetError("connection reset by peer"),
     ],
-    ids=["operational_error", "pool_timeout", "timeout", "connection_reset"],
+    ids=["connection_lost", "admin_shutdown", "pool_timeout", "timeout", "connection_reset"],
 )
 async def test_database_error_during_refresh_is_503_and_family_intact(
     issuer: IssuerHarness, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, exc: BaseException
@@ -191,7 +222,7 @@ async def test_database_error_during_refresh_is_503_and_family_intact(
     await register(client)
     token = (await login(client))["refresh_token"]
     family_id = await family_of(engine, token)
-    fail_once(monkeypatch, "insert_token", exc)
+    fail_driver_once(monkeypatch, exc)
 
     response = await refresh_body(client, token)
 
@@ -220,7 +251,7 @@ async def test_database_error_on_cookie_refresh_keeps_the_cookie(
     )
     token = response.cookies["refresh_token"]
     family_id = await family_of(engine, token)
-    fail_once(monkeypatch, "touch_family", db_error())
+    fail_driver_once(monkeypatch, asyncpg.ConnectionDoesNotExistError("connection was closed"))
     client.cookies.clear()
     failed = await client.post("/auth/refresh", headers={"Cookie": f"refresh_token={token}"})
     assert_error(failed, 503, "temporarily_unavailable")
@@ -252,7 +283,7 @@ async def test_unexpected_error_during_refresh_is_500_json_and_family_intact(
         await register(client)
         token = (await login(client))["refresh_token"]
         family_id = await family_of(engine, token)
-        fail_once(monkeypatch, "insert_token", Injected("a bug"))
+        fail_driver_once(monkeypatch, Injected("a bug"))
         response = await refresh_body(client, token)
         assert_error(response, 500, "server_error")
         assert "Injected" not in response.text
@@ -268,29 +299,59 @@ async def _terminate_own_backend(engine: AsyncEngine, conn: AsyncConnection) -> 
     assert killed is True
 
 
-@pytest.mark.parametrize("point", ["insert_token", "user_by_id"])
-async def test_database_connection_killed_mid_rotation(
-    issuer: IssuerHarness, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, point: str
+async def test_statement_failing_after_the_consume_rolls_back_entirely(
+    issuer: IssuerHarness, client: httpx.AsyncClient
 ) -> None:
-    """A real fault: the server process holding the rotation's transaction dies between its statements."""
+    """A real fault inside the one-statement rotation, after its UPDATE has consumed the token: the successor
+    INSERT hits a row already holding the successor's hash. PostgreSQL must undo the consume as well."""
+    engine, clock, families = issuer.services.engine, issuer.clock, issuer.services.families
+    await register(client)
+    token = (await login(client))["refresh_token"]
+    family_id = await family_of(engine, token)
+    other_family = await family_of(engine, (await login(client))["refresh_token"])
+    blocker = sha256(families.successor_of(token))
+    async with engine.begin() as conn:  # a consumed row, so the other family keeps a single live token
+        await conn.execute(
+            insert(refresh_tokens).values(
+                token_hash=blocker,
+                family_id=other_family,
+                issued_at=clock(),
+                expires_at=clock() + timedelta(hours=1),
+                consumed_at=clock(),
+            )
+        )
+
+    response = await refresh_body(client, token)
+
+    assert_error(response, 503, "temporarily_unavailable")
+    await assert_untouched(engine, token, family_id, clock)
+    async with engine.begin() as conn:
+        await conn.execute(delete(refresh_tokens).where(refresh_tokens.c.token_hash == blocker))
+    retried = await refresh_body(client, token)
+    assert retried.status_code == 200, retried.text
+    await assert_single_chain(engine, clock())
+
+
+async def test_database_connection_killed_mid_rotation(issuer: IssuerHarness, client: httpx.AsyncClient) -> None:
+    """A real fault: the server process running the rotation dies after the statement consumed the token.
+
+    Another transaction holds the family's row lock, so the statement waits in the server between its
+    consuming UPDATE and its family UPDATE; that backend is then terminated (as in a crash or failover).
+    """
     engine, clock = issuer.services.engine, issuer.clock
     await register(client)
     token = (await login(client))["refresh_token"]
     family_id = await family_of(engine, token)
-    original: Callable[..., Awaitable[Any]] = getattr(store, point)
-    killed: list[bool] = []
+    async with engine.connect() as locker:
+        await locker.execute(select(families_table).where(families_table.c.id == family_id).with_for_update())
+        request = asyncio.create_task(refresh_body(client, token))
+        assert await _lock_waiters(engine) == 1, "the rotation never blocked on the family's row lock"
+        async with engine.connect() as admin:
+            killed = (await admin.execute(text(KILL_LOCK_WAITERS))).scalars().all()
+        assert killed == [True]
+        response = await request
+        await locker.rollback()
 
-    async def kill_then_call(conn: AsyncConnection, *args: Any, **kwargs: Any) -> Any:
-        if not killed:
-            killed.append(True)
-            await _terminate_own_backend(engine, conn)
-        return await original(conn, *args, **kwargs)
-
-    monkeypatch.setattr(store, point, kill_then_call)
-
-    response = await refresh_body(client, token)
-
-    assert killed
     assert_error(response, 503, "temporarily_unavailable")
     assert "retry-after" in response.headers
     await assert_untouched(engine, token, family_id, clock)
@@ -300,6 +361,10 @@ async def test_database_connection_killed_mid_rotation(
     await assert_single_chain(engine, clock())
 
 
+KILL_LOCK_WAITERS = (
+    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+)
 LOCK_WAITERS = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
 
 
@@ -315,6 +380,17 @@ async def _lock_waiters(engine: AsyncEngine) -> int:
                 break
             await asyncio.sleep(0.01)
     return waiting
+
+
+async def _until_no_lock_waiters(engine: AsyncEngine) -> bool:
+    async with engine.connect() as watcher:
+        for _ in range(500):
+            waiting = (await watcher.execute(text(LOCK_WAITERS))).scalar_one()
+            await watcher.rollback()
+            if not waiting:
+                return True
+            await asyncio.sleep(0.01)
+    return False
 
 
 async def test_rotation_cancelled_while_waiting_for_the_row_lock(
@@ -341,6 +417,9 @@ async def test_rotation_cancelled_while_waiting_for_the_row_lock(
         assert waiting == 1, "the rotation never blocked on the row lock"
         with pytest.raises(asyncio.CancelledError):
             await task
+        # Cancellation reaches the server as a cancel request; only once it has ended the waiting statement
+        # is releasing the lock a test of rollback (released earlier, the statement would simply complete).
+        assert await _until_no_lock_waiters(engine), "the cancelled statement kept waiting in the server"
         await locker.rollback()
 
     await assert_untouched(engine, token, family_id, clock)
