@@ -12,20 +12,28 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import inspect
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+# A resource service installs the package without the server's dependencies; `issuer` then says so in one line.
+SERVER_DEPENDENCIES = ("sqlalchemy", "asyncpg", "aiosqlite", "alembic", "argon2", "prometheus_client", "starlette")
+_missing_server_dependency: str | None = None
+try:
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from issuer.cleanup import cleanup
-from issuer.clock import system_clock
-from issuer.db import create_engine
-from issuer.key_import import KeyImportError, load_rsa_private_key
-from issuer.key_manager import KeyManager
-from issuer.keys import KeyDecryptionError, key_state
-from issuer.lockout import LockoutPolicy
-from issuer.logs import uvicorn_log_config
-from issuer.rotation import KeyPlan, RotationRefused
-from issuer.settings import ConfigError, Settings
+    from issuer.cleanup import cleanup
+    from issuer.clock import system_clock
+    from issuer.db import create_engine
+    from issuer.key_import import KeyImportError, load_rsa_private_key
+    from issuer.key_manager import KeyManager
+    from issuer.keys import KeyDecryptionError, key_state
+    from issuer.lockout import LockoutPolicy
+    from issuer.logs import uvicorn_log_config
+    from issuer.rotation import KeyPlan, RotationRefused
+    from issuer.settings import ConfigError, Settings
+except ModuleNotFoundError as exc:
+    if (exc.name or "").partition(".")[0] not in SERVER_DEPENDENCIES:
+        raise
+    _missing_server_dependency = exc.name
 
 
 class CommandError(Exception):
@@ -33,6 +41,12 @@ class CommandError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if _missing_server_dependency is not None:
+        print(
+            f"issuer: the issuer server needs: pip install 'issuer[server]' ({_missing_server_dependency} is missing)",
+            file=sys.stderr,
+        )
+        return 1
     parser = _parser()
     args = parser.parse_args(_protect_kid(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -1,18 +1,21 @@
-"""Why a token was refused. Each error has a stable ``reason`` for metrics and logs.
+"""Why a token was refused, or why it could not be checked. Each error has a stable ``reason`` for metrics and logs.
 
 ::
 
-    TokenError
-     +-- MalformedToken        reason "malformed"
-     +-- UnsupportedAlgorithm  reason "unsupported_alg"   (checked before any key is used)
-     +-- WrongType             reason "wrong_typ"
-     +-- UnknownKey            reason "unknown_kid"
-     +-- BadSignature          reason "bad_signature"
-     +-- ExpiredToken          reason "expired"
-     +-- NotYetValid           reason "not_yet_valid"
-     +-- WrongIssuer           reason "wrong_issuer"
-     +-- WrongAudience         reason "wrong_audience"
-     +-- InvalidClaims         reason "invalid_claims"   (missing or mistyped claim)
+    VerificationError
+     +-- TokenError                the token's fault: answer 401 invalid_token
+     |    +-- MalformedToken        reason "malformed"
+     |    +-- UnsupportedAlgorithm  reason "unsupported_alg"   (checked before any key is used)
+     |    +-- WrongType             reason "wrong_typ"
+     |    +-- UnknownKey            reason "unknown_kid"
+     |    +-- BadSignature          reason "bad_signature"
+     |    +-- ExpiredToken          reason "expired"
+     |    +-- NotYetValid           reason "not_yet_valid"
+     |    +-- WrongIssuer           reason "wrong_issuer"
+     |    +-- WrongAudience         reason "wrong_audience"
+     |    +-- InvalidClaims         reason "invalid_claims"   (missing or mistyped claim)
+     +-- KeysUnavailable           reason "keys_unavailable": no usable JWKS (the issuer has been unreachable
+                                   for longer than the stale limit); not the token's fault, answer 503
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ from __future__ import annotations
 from typing import ClassVar
 
 
-class TokenError(Exception):
+class VerificationError(Exception):
     reason: ClassVar[str] = "invalid"
-    message: ClassVar[str] = "The access token is invalid."
+    message: ClassVar[str] = "The access token could not be verified."
 
     def __init__(self, message: str | None = None) -> None:
         self.detail = message or self.message
         super().__init__(self.detail)
+
+
+class TokenError(VerificationError):
+    reason = "invalid"
+    message = "The access token is invalid."
 
 
 class MalformedToken(TokenError):
@@ -77,3 +85,15 @@ class WrongAudience(TokenError):
 class InvalidClaims(TokenError):
     reason = "invalid_claims"
     message = "The access token is missing a required claim or has a malformed one."
+
+
+class KeysUnavailable(VerificationError):
+    """The issuer's keys cannot be had: never fetched, or cached for longer than the stale limit allows."""
+
+    reason = "keys_unavailable"
+    message = "The issuer's signing keys are unavailable; retry shortly."
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        # Seconds until the cache will try the issuer again; a hint for Retry-After.
+        self.retry_after = max(1, int(retry_after + 0.999))

@@ -1,0 +1,128 @@
+"""``AccessTokenVerifier``: the issuer's access tokens checked against a cached JWKS, with no call per request.
+
+The checks run in RFC 8725 order (see :mod:`issuer.verifier.verify`): the header against the allow-list
+first, then the key (a synchronous dict lookup while the cache is fresh; the cache's rules otherwise), the
+signature, and the claims. A gateway without Starlette uses this class directly::
+
+    verifier = AccessTokenVerifier(issuer="https://issuer.example", audience="api")
+    token = await verifier.verify(raw)  # raises TokenError (401) or KeysUnavailable (503)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from issuer.verifier.errors import InvalidClaims, UnknownKey
+from issuer.verifier.jwks import JWKSCache
+from issuer.verifier.verify import REQUIRED_CLAIMS, check_claims_with, claims_registry, parse_token, verify_signature
+
+log = logging.getLogger("issuer.verifier")
+
+# Without these a token would not say who it is for, from whom, about whom, or until when.
+_ALWAYS_REQUIRED = frozenset({"iss", "aud", "sub", "exp"})
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A verified access token. ``claims`` holds every claim as signed; the fields are the common ones."""
+
+    sub: str
+    exp: int
+    iat: int | None
+    jti: str | None
+    sid: str | None
+    role: str | None
+    email: str | None
+    token_version: int | None
+    scopes: tuple[str, ...]
+    claims: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_claims(cls, claims: dict[str, Any]) -> AccessToken:
+        """Build from claims that passed :func:`check_claims_with`; a mistyped optional claim is refused."""
+        scope = _optional(claims, "scope", str)
+        iat = claims.get("iat")
+        return cls(
+            sub=claims["sub"],
+            exp=int(claims["exp"]),
+            iat=None if iat is None else int(iat),
+            jti=_optional(claims, "jti", str),
+            sid=_optional(claims, "sid", str),
+            role=_optional(claims, "role", str),
+            email=_optional(claims, "email", str),
+            token_version=_optional(claims, "tokenVersion", int),
+            scopes=tuple(scope.split()) if scope else (),
+            claims=claims,
+        )
+
+
+def _optional(claims: dict[str, Any], name: str, kind: type) -> Any:
+    value = claims.get(name)
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    raise InvalidClaims(f"The access token has an invalid {name!r} claim.")
+
+
+class AccessTokenVerifier:
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        jwks: JWKSCache | None = None,
+        leeway: int = 5,
+        required_claims: Iterable[str] = REQUIRED_CLAIMS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``jwks`` defaults to a :class:`JWKSCache` that discovers ``jwks_uri`` from ``issuer``'s metadata.
+
+        ``clock`` is the wall clock in epoch seconds (tests inject a simulated one). ``required_claims`` is
+        the full list a token must carry; it must include ``iss``, ``aud``, ``sub`` and ``exp``.
+        """
+        required = tuple(required_claims)
+        missing = _ALWAYS_REQUIRED.difference(required)
+        if missing:
+            raise ValueError(f"required_claims must include {', '.join(sorted(missing))}")
+        if leeway < 0:
+            raise ValueError("leeway must be >= 0")
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+        self.required_claims = required
+        self.jwks = jwks if jwks is not None else JWKSCache(issuer=issuer)
+        self._claims = claims_registry(issuer=issuer, audience=audience, now=lambda: int(clock()), leeway=leeway)
+
+    async def verify(self, token: str) -> AccessToken:
+        """The verified token, or a :class:`TokenError` (the token's fault) or :class:`KeysUnavailable`."""
+        parsed = parse_token(token)
+        kid = parsed.kid
+        if kid is None:
+            raise UnknownKey()
+        key = self.jwks.peek(kid)
+        if key is None:  # cold, stale or unknown kid: the cache decides whether to fetch
+            key = await self.jwks.get_key(kid)
+        claims = verify_signature(parsed, key)
+        check_claims_with(claims, self._claims, self.required_claims)
+        return AccessToken.from_claims(claims)
+
+    async def aclose(self) -> None:
+        """Close the JWKS cache (and the HTTP client it created)."""
+        await self.jwks.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """A Starlette ``lifespan``: warm the cache at start-up, close it at shutdown.
+
+        An issuer that is down at start-up is logged, not fatal: the first request retries.
+        """
+        if not await self.jwks.refresh():
+            log.warning("could not fetch the issuer's keys at start-up (%s); will retry", self.jwks.stats.last_error)
+        try:
+            yield
+        finally:
+            await self.aclose()

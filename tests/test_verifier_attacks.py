@@ -1,0 +1,406 @@
+"""The attack list against the shipped verifier itself: ``AccessTokenVerifier`` with its JWKS cache, and the
+Starlette middleware in front of it. No issuer: the keys are local and the JWKS is served by a fake.
+
+Every attack changes one thing in an otherwise valid token; ``test_the_baseline_is_accepted`` shows the
+unchanged token passes, so each refusal is caused by that one change.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from issuer.verifier import (
+    AccessTokenVerifier,
+    BadSignature,
+    ExpiredToken,
+    InvalidClaims,
+    MalformedToken,
+    NotYetValid,
+    TokenError,
+    UnknownKey,
+    UnsupportedAlgorithm,
+    WrongAudience,
+    WrongIssuer,
+    WrongType,
+)
+from issuer.verifier.starlette import bearer_middleware, requires_token
+from tests.verifier_support import (
+    AUDIENCE,
+    DELETE,
+    ISSUER,
+    JWKS_URI,
+    FakeIssuer,
+    SimClock,
+    b64url,
+    b64url_json,
+    claims_for,
+    header_for,
+    kid_of,
+    private_key,
+    public_jwk,
+    sign,
+    verifier_for,
+)
+
+LEEWAY = 5
+
+
+@dataclass
+class Forge:
+    clock: SimClock
+    key: rsa.RSAPrivateKey
+    attacker: rsa.RSAPrivateKey
+    claims: dict[str, Any]
+    token: str
+
+    @property
+    def now(self) -> int:
+        return int(self.clock.wall())
+
+    def header(self, **changes: Any) -> dict[str, Any]:
+        return header_for(self.key, **changes)
+
+    def payload(self, **changes: Any) -> dict[str, Any]:
+        result = dict(self.claims)
+        for name, value in changes.items():
+            if value is DELETE:
+                result.pop(name, None)
+            else:
+                result[name] = value
+        return result
+
+    def sign(self, header: dict[str, Any] | None = None, payload: dict[str, Any] | bytes | None = None) -> str:
+        """Validly signed by the real key: only the property under test is wrong."""
+        return sign(header or self.header(), self.claims if payload is None else payload, self.key)
+
+    def swap_header(self, **changes: Any) -> str:
+        _, payload, signature = self.token.split(".")
+        return f"{b64url_json(self.header(**changes))}.{payload}.{signature}"
+
+    def swap_payload(self, **changes: Any) -> str:
+        header, _, signature = self.token.split(".")
+        return f"{header}.{b64url_json(self.payload(**changes))}.{signature}"
+
+    def hmac(self, alg: str, secret: bytes) -> str:
+        signing_input = f"{b64url_json(self.header(alg=alg))}.{b64url_json(self.claims)}"
+        digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+        return f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), digest).digest())}"
+
+    def unsigned(self, **header_changes: Any) -> str:
+        return f"{b64url_json(self.header(**header_changes))}.{b64url_json(self.claims)}."
+
+    # what an attacker has: everything public about the real key
+    def spki_pem(self) -> bytes:
+        return self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def pkcs1_pem(self) -> bytes:
+        return self.key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+
+    def jwk_json(self) -> bytes:
+        return json.dumps(public_jwk(self.key)).encode()
+
+    def n_bytes(self) -> bytes:
+        n = self.key.public_key().public_numbers().n
+        return n.to_bytes((n.bit_length() + 7) // 8, "big")
+
+
+def _sig(f: Forge, header: dict[str, Any], key: rsa.RSAPrivateKey, pad: Any = None, algorithm: Any = None) -> str:
+    signing_input = f"{b64url_json(header)}.{b64url_json(f.claims)}"
+    signature = key.sign(signing_input.encode(), pad or padding.PKCS1v15(), algorithm or hashes.SHA256())
+    return f"{signing_input}.{b64url(signature)}"
+
+
+Attack = Callable[[Forge], str]
+
+ATTACKS: list[Any] = [
+    # alg none
+    pytest.param(lambda f: f.unsigned(alg="none"), UnsupportedAlgorithm, id="alg-none"),
+    pytest.param(lambda f: f.unsigned(alg="None"), UnsupportedAlgorithm, id="alg-None"),
+    pytest.param(lambda f: f.unsigned(alg="nOnE"), UnsupportedAlgorithm, id="alg-nOnE"),
+    pytest.param(lambda f: f.swap_header(alg="none"), UnsupportedAlgorithm, id="alg-none-with-a-real-signature"),
+    pytest.param(lambda f: f.unsigned(alg=DELETE), MalformedToken, id="alg-missing"),
+    pytest.param(lambda f: f.unsigned(alg=None), UnsupportedAlgorithm, id="alg-null"),
+    # HMAC keyed with the public key in every form an attacker can get it (RS/HS confusion)
+    pytest.param(lambda f: f.hmac("HS256", f.spki_pem()), UnsupportedAlgorithm, id="hs256-spki-pem"),
+    pytest.param(lambda f: f.hmac("HS256", f.pkcs1_pem()), UnsupportedAlgorithm, id="hs256-pkcs1-pem"),
+    pytest.param(lambda f: f.hmac("HS256", f.jwk_json()), UnsupportedAlgorithm, id="hs256-jwk-json"),
+    pytest.param(lambda f: f.hmac("HS256", f.n_bytes()), UnsupportedAlgorithm, id="hs256-modulus"),
+    pytest.param(lambda f: f.hmac("HS384", f.spki_pem()), UnsupportedAlgorithm, id="hs384-spki-pem"),
+    pytest.param(lambda f: f.hmac("HS512", f.jwk_json()), UnsupportedAlgorithm, id="hs512-jwk-json"),
+    # other algorithms, even with the real key
+    pytest.param(
+        lambda f: _sig(f, f.header(alg="RS512"), f.key, algorithm=hashes.SHA512()), UnsupportedAlgorithm, id="rs512"
+    ),
+    pytest.param(
+        lambda f: _sig(
+            f, f.header(alg="PS256"), f.key, pad=padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        ),
+        UnsupportedAlgorithm,
+        id="ps256",
+    ),
+    pytest.param(lambda f: f.swap_header(alg="ES256"), UnsupportedAlgorithm, id="es256"),
+    pytest.param(lambda f: f.swap_header(alg="rs256"), UnsupportedAlgorithm, id="alg-lowercase"),
+    pytest.param(lambda f: f.swap_header(alg=["RS256"]), UnsupportedAlgorithm, id="alg-list"),
+    # kid games
+    pytest.param(lambda f: f.sign(f.header(kid="not-published")), UnknownKey, id="unknown-kid"),
+    pytest.param(lambda f: f.sign(f.header(kid=DELETE)), UnknownKey, id="no-kid"),
+    pytest.param(lambda f: f.sign(f.header(kid="")), UnknownKey, id="empty-kid"),
+    pytest.param(lambda f: f.sign(f.header(kid=7)), UnknownKey, id="kid-number"),
+    pytest.param(lambda f: f.sign(f.header(kid={"$ne": ""})), UnknownKey, id="kid-object"),
+    pytest.param(lambda f: f.sign(f.header(kid="../../../.well-known/jwks.json")), UnknownKey, id="kid-path"),
+    pytest.param(lambda f: f.sign(f.header(kid="x' OR '1'='1")), UnknownKey, id="kid-sql"),
+    pytest.param(lambda f: f.sign(f.header(kid="k" * 300)), UnknownKey, id="kid-long"),
+    pytest.param(lambda f: f.sign(f.header(kid="k" * 3000)), MalformedToken, id="header-oversize"),
+    pytest.param(lambda f: _sig(f, f.header(kid=kid_of(f.attacker)), f.attacker), UnknownKey, id="own-key-own-kid"),
+    pytest.param(lambda f: _sig(f, f.header(), f.attacker), BadSignature, id="own-key-real-kid"),
+    # headers that try to supply or locate the key, or change processing
+    pytest.param(
+        lambda f: _sig(f, f.header(jwk=public_jwk(f.attacker)), f.attacker), MalformedToken, id="embedded-jwk"
+    ),
+    pytest.param(
+        lambda f: _sig(f, f.header(kid=kid_of(f.attacker), jku="https://evil.test/jwks.json"), f.attacker),
+        MalformedToken,
+        id="jku",
+    ),
+    pytest.param(lambda f: _sig(f, f.header(x5u="https://evil.test/cert.pem"), f.attacker), MalformedToken, id="x5u"),
+    pytest.param(lambda f: _sig(f, f.header(x5c=["MIIBIjAN"]), f.attacker), MalformedToken, id="x5c"),
+    pytest.param(lambda f: f.sign(f.header(crit=["exp"])), MalformedToken, id="crit"),
+    pytest.param(lambda f: f.sign(f.header(b64=False, crit=["b64"])), MalformedToken, id="b64-false"),
+    # tampering, keeping the real signature
+    pytest.param(lambda f: f.swap_payload(sub="someone-else"), BadSignature, id="tampered-sub"),
+    pytest.param(lambda f: f.swap_payload(role="admin"), BadSignature, id="tampered-role"),
+    pytest.param(lambda f: f.swap_payload(exp=f.claims["exp"] + 86400), BadSignature, id="tampered-exp"),
+    pytest.param(lambda f: f.swap_payload(aud="another-api"), BadSignature, id="tampered-aud"),
+    pytest.param(lambda f: f.swap_header(typ="application/at+jwt"), BadSignature, id="tampered-header-typ"),
+    pytest.param(lambda f: f.swap_header(cty="JWT"), BadSignature, id="tampered-header-extra-member"),
+    pytest.param(lambda f: f.token.rsplit(".", 1)[0] + ".", BadSignature, id="signature-stripped"),
+    pytest.param(lambda f: f.token.rsplit(".", 1)[0] + "." + b64url(bytes(256)), BadSignature, id="zero-signature"),
+    pytest.param(lambda f: f.token[:-8], BadSignature, id="signature-truncated"),
+    pytest.param(lambda f: _flip_last_signature_byte(f.token), BadSignature, id="signature-bit-flip"),
+    pytest.param(
+        lambda f: f.token.rsplit(".", 1)[0] + "." + f.sign(payload=f.payload(jti="other")).rsplit(".", 1)[1],
+        BadSignature,
+        id="signature-of-another-token",
+    ),
+    # claims, validly signed
+    pytest.param(lambda f: f.sign(payload=f.payload(iss="https://evil.test")), WrongIssuer, id="wrong-iss"),
+    pytest.param(lambda f: f.sign(payload=f.payload(iss=ISSUER + "/")), WrongIssuer, id="iss-trailing-slash"),
+    pytest.param(lambda f: f.sign(payload=f.payload(iss=[ISSUER])), WrongIssuer, id="iss-list"),
+    pytest.param(lambda f: f.sign(payload=f.payload(aud="another-api")), WrongAudience, id="wrong-aud"),
+    pytest.param(lambda f: f.sign(payload=f.payload(aud=["a", "b"])), WrongAudience, id="aud-list-without-us"),
+    pytest.param(lambda f: f.sign(payload=f.payload(aud="API")), WrongAudience, id="aud-case"),
+    pytest.param(lambda f: f.sign(f.header(typ="JWT")), WrongType, id="typ-JWT"),
+    pytest.param(lambda f: f.sign(f.header(typ=DELETE)), WrongType, id="typ-missing"),
+    pytest.param(lambda f: f.sign(f.header(typ="dpop+jwt")), WrongType, id="typ-dpop"),
+    pytest.param(lambda f: f.sign(f.header(typ=["at+jwt"])), WrongType, id="typ-list"),
+    pytest.param(lambda f: f.sign(payload=f.payload(iat=f.now - 2000, exp=f.now - LEEWAY)), ExpiredToken, id="expired"),
+    pytest.param(
+        lambda f: f.sign(payload=f.payload(iat=f.now + LEEWAY + 1, exp=f.now + 900)), NotYetValid, id="iat-future"
+    ),
+    pytest.param(lambda f: f.sign(payload=f.payload(nbf=f.now + LEEWAY + 1)), NotYetValid, id="nbf-future"),
+    *[
+        pytest.param(lambda f, name=name: f.sign(payload=f.payload(**{name: DELETE})), InvalidClaims, id=f"no-{name}")
+        for name in ("iss", "aud", "sub", "exp", "iat", "jti")
+    ],
+    pytest.param(lambda f: f.sign(payload=f.payload(sub=42)), InvalidClaims, id="sub-number"),
+    pytest.param(lambda f: f.sign(payload=f.payload(sub="")), InvalidClaims, id="sub-empty"),
+    pytest.param(lambda f: f.sign(payload=f.payload(exp=str(f.claims["exp"]))), InvalidClaims, id="exp-string"),
+    pytest.param(lambda f: f.sign(payload=f.payload(exp=True)), InvalidClaims, id="exp-bool"),
+    pytest.param(
+        lambda f: f.sign(payload=json.dumps(f.payload(exp=float("nan"))).encode()), InvalidClaims, id="exp-NaN"
+    ),
+    pytest.param(
+        lambda f: f.sign(payload=json.dumps(f.payload(exp=float("inf"))).encode()), InvalidClaims, id="exp-Infinity"
+    ),
+    pytest.param(lambda f: f.sign(payload=f.payload(role=["admin"])), InvalidClaims, id="role-list"),
+    pytest.param(lambda f: f.sign(payload=f.payload(tokenVersion="0")), InvalidClaims, id="tokenVersion-string"),
+    pytest.param(lambda f: f.sign(payload=f.payload(sid=7)), InvalidClaims, id="sid-number"),
+    pytest.param(lambda f: f.sign(payload=f.payload(scope=["admin"])), InvalidClaims, id="scope-list"),
+    pytest.param(lambda f: f.sign(payload=b"[1, 2, 3]"), MalformedToken, id="payload-array"),
+    pytest.param(lambda f: f.sign(payload=b"not json"), MalformedToken, id="payload-not-json"),
+    # not a token at all, or too big
+    pytest.param(lambda f: "", MalformedToken, id="empty"),
+    pytest.param(lambda f: "garbage", MalformedToken, id="garbage"),
+    pytest.param(lambda f: "a.b.c", MalformedToken, id="garbage-segments"),
+    pytest.param(lambda f: "..", MalformedToken, id="empty-segments"),
+    pytest.param(lambda f: f.token + "." + f.token, MalformedToken, id="too-many-segments"),
+    pytest.param(lambda f: "\u00e4\u00f6.\u00fc.x", MalformedToken, id="non-ascii"),
+    pytest.param(lambda f: f.token[:40] + "\u2603" + f.token[40:], MalformedToken, id="non-ascii-inside"),
+    pytest.param(lambda f: f.token[:40] + "\x00" + f.token[40:], MalformedToken, id="nul-inside"),
+    pytest.param(lambda f: f.token + "\n", MalformedToken, id="trailing-newline"),
+    pytest.param(lambda f: f.token[:30] + " " + f.token[30:], MalformedToken, id="space-inside"),
+    pytest.param(lambda f: f.token + "==", MalformedToken, id="padded"),
+    pytest.param(lambda f: "eyJ" + "A" * 70_000 + ".eyJ.sig", MalformedToken, id="oversize-garbage"),
+    pytest.param(lambda f: f.sign(payload=f.payload(pad="x" * 9000)), MalformedToken, id="oversize-validly-signed"),
+    pytest.param(lambda f: b64url(secrets.token_bytes(48)), MalformedToken, id="opaque-like-a-refresh-token"),
+]
+
+
+# HTTP cannot carry these in a header (the empty Bearer token is a middleware test of its own).
+IN_A_HEADER = [p for p in ATTACKS if p.id not in {"empty", "nul-inside", "trailing-newline"}]
+
+
+def _flip_last_signature_byte(token: str) -> str:
+    head, signature = token.rsplit(".", 1)
+    raw = bytearray(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)))
+    raw[-1] ^= 1
+    return f"{head}.{b64url(bytes(raw))}"
+
+
+@pytest.fixture
+def clock() -> SimClock:
+    return SimClock()
+
+
+@pytest.fixture
+def forge(clock: SimClock) -> Forge:
+    key = private_key(0)
+    claims = claims_for(clock)
+    return Forge(clock, key, private_key(1), claims, sign(header_for(key), claims, key))
+
+
+@pytest.fixture
+def fake() -> FakeIssuer:
+    return FakeIssuer()
+
+
+@pytest.fixture
+async def verifier(fake: FakeIssuer, clock: SimClock) -> AsyncIterator[AccessTokenVerifier]:
+    async with fake.client() as http:
+        yield verifier_for(http, clock, leeway=LEEWAY)
+
+
+@requires_token
+async def whoami(request: Request) -> JSONResponse:
+    return JSONResponse({"sub": request.user.identity})
+
+
+@pytest.fixture
+async def resource(verifier: AccessTokenVerifier) -> AsyncIterator[httpx.AsyncClient]:
+    app = Starlette(routes=[Route("/whoami", whoami)], middleware=[bearer_middleware(verifier)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://resource.test") as client:
+        yield client
+
+
+async def test_the_baseline_is_accepted(forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer) -> None:
+    for token in (forge.token, forge.sign()):
+        access = await verifier.verify(token)
+        assert access.sub == "user-1"
+        assert access.role == "user"
+        assert access.claims == forge.claims
+    # Accepted variants, so the refusals above are about the change and not about the spelling:
+    assert await verifier.verify(forge.sign(forge.header(typ="application/at+jwt")))
+    assert await verifier.verify(forge.sign(forge.header(typ="AT+JWT")))
+    assert await verifier.verify(forge.sign(payload=forge.payload(aud=["other", AUDIENCE])))
+    assert await verifier.verify(forge.sign(payload=forge.payload(exp=forge.now - LEEWAY + 1)))
+    assert await verifier.verify(forge.sign(payload=forge.payload(nbf=forge.now + LEEWAY)))
+    assert [str(r.url) for r in fake.requests] == [JWKS_URI]
+
+
+@pytest.mark.parametrize(("attack", "expected"), ATTACKS)
+async def test_attack_is_refused_by_the_verifier(
+    forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer, attack: Attack, expected: type[TokenError]
+) -> None:
+    await verifier.verify(forge.token)  # warm: the refusal is not a cold-cache artefact
+    token = attack(forge)
+    assert token != forge.token
+    with pytest.raises(expected) as refused:
+        await verifier.verify(token)
+    assert type(refused.value) is expected
+    assert refused.value.reason == expected.reason
+    # Nothing the token says makes the verifier fetch anything but the configured JWKS (jku, x5u, kid paths).
+    assert {str(r.url) for r in fake.requests} == {JWKS_URI}
+
+
+@pytest.mark.parametrize(("attack", "expected"), IN_A_HEADER)
+async def test_attack_is_a_401_at_the_resource_service(
+    forge: Forge, verifier: AccessTokenVerifier, resource: httpx.AsyncClient, attack: Attack, expected: type[TokenError]
+) -> None:
+    token = attack(forge)
+    response = await resource.get("/whoami", headers={"Authorization": f"Bearer {token}".encode()})
+    assert response.status_code == 401, response.text
+    with pytest.raises(expected) as refused:
+        await verifier.verify(token)
+    assert response.json() == {"error": "invalid_token", "error_description": refused.value.detail}
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith('Bearer error="invalid_token", error_description="')
+    assert token not in challenge
+
+
+ALGORITHM_AND_HEADER_ATTACKS = [
+    p for p in ATTACKS if p.values[1] in (UnsupportedAlgorithm, WrongType, MalformedToken) and "payload" not in p.id
+]
+
+
+@pytest.mark.parametrize(("attack", "expected"), ALGORITHM_AND_HEADER_ATTACKS)
+async def test_header_attacks_are_refused_before_any_key_is_fetched(
+    forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer, attack: Attack, expected: type[TokenError]
+) -> None:
+    """On a cold cache, a bad alg, typ or header costs no JWKS request: no key is touched before the allow-list."""
+    with pytest.raises(expected):
+        await verifier.verify(attack(forge))
+    assert fake.requests == []
+    assert verifier.jwks.kids == frozenset()
+
+
+async def test_a_valid_token_on_a_cold_cache_does_fetch(
+    forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer
+) -> None:
+    """Control for the test above: the cold cache there was not simply unable to fetch."""
+    assert (await verifier.verify(forge.token)).sub == "user-1"
+    assert len(fake.requests) == 1
+
+
+async def test_unknown_kid_is_refused_even_after_the_cooldown_refetch(
+    forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer, clock: SimClock
+) -> None:
+    await verifier.verify(forge.token)
+    clock.advance(60)
+    with pytest.raises(UnknownKey):
+        await verifier.verify(forge.sign(forge.header(kid="never-published")))
+    assert verifier.jwks.stats.unknown_kid_refetches == 1
+    assert len(fake.requests) == 2
+
+
+def test_required_claims_cannot_drop_the_essentials(verifier: AccessTokenVerifier) -> None:
+    for essential in ("iss", "aud", "sub", "exp"):
+        with pytest.raises(ValueError, match=essential):
+            AccessTokenVerifier(
+                issuer=ISSUER,
+                audience=AUDIENCE,
+                jwks=verifier.jwks,
+                required_claims=[c for c in ("iss", "aud", "sub", "exp", "iat") if c != essential],
+            )
+
+
+async def test_extra_required_claims_are_enforced(forge: Forge, verifier: AccessTokenVerifier) -> None:
+    strict = AccessTokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        jwks=verifier.jwks,
+        clock=forge.clock.wall,
+        required_claims=("iss", "aud", "sub", "exp", "iat", "jti", "sid", "tokenVersion"),
+    )
+    assert (await strict.verify(forge.token)).token_version == 0
+    with pytest.raises(InvalidClaims, match="sid"):
+        await strict.verify(forge.sign(payload=forge.payload(sid=DELETE)))
+    # Control: the default verifier does not require sid.
+    assert (await verifier.verify(forge.sign(payload=forge.payload(sid=DELETE)))).sid is None

@@ -1,0 +1,224 @@
+"""Helpers for the verifier tests: simulated time, local RSA keys, a scriptable fake issuer, counting transports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from joserfc.jwk import RSAKey
+
+from issuer.verifier import AccessTokenVerifier, JWKSCache
+
+ISSUER = "https://issuer.test"
+AUDIENCE = "api"
+JWKS_URI = f"{ISSUER}/.well-known/jwks.json"
+METADATA_URI = f"{ISSUER}/.well-known/oauth-authorization-server"
+
+
+class SimClock:
+    """Simulated time for both clocks the verifier reads: ``monotonic`` (cache ages) and ``wall`` (exp/iat)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = float(int(time.time())) if start is None else start
+
+    def wall(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# ---------------------------------------------------------------- keys and tokens
+
+
+@functools.cache
+def private_key(index: int = 0, bits: int = 2048) -> rsa.RSAPrivateKey:
+    """A few keys per test run: generating RSA keys is the slow part of these tests."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def b64url_uint(value: int) -> str:
+    return b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+def kid_of(key: rsa.RSAPrivateKey) -> str:
+    """RFC 7638 thumbprint, computed here (joserfc refuses to import short keys without a warning)."""
+    numbers = key.public_key().public_numbers()
+    members = {"e": b64url_uint(numbers.e), "kty": "RSA", "n": b64url_uint(numbers.n)}
+    return b64url(hashlib.sha256(json.dumps(members, separators=(",", ":")).encode()).digest())
+
+
+def public_jwk(key: rsa.RSAPrivateKey, **extra: Any) -> dict[str, Any]:
+    numbers = key.public_key().public_numbers()
+    n, e = b64url_uint(numbers.n), b64url_uint(numbers.e)
+    jwk = {"kty": "RSA", "kid": kid_of(key), "use": "sig", "alg": "RS256", "n": n, "e": e}
+    jwk.update(extra)
+    return {k: v for k, v in jwk.items() if v is not None}
+
+
+def private_jwk(key: rsa.RSAPrivateKey) -> dict[str, Any]:
+    """The whole key, private members included: what a misconfigured issuer might publish."""
+    return {**RSAKey.import_key(key).as_dict(private=True), "kid": kid_of(key), "use": "sig", "alg": "RS256"}
+
+
+def b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64url_json(value: object) -> str:
+    return b64url(json.dumps(value, separators=(",", ":")).encode())
+
+
+def claims_for(clock: SimClock, ttl: int = 900, **changes: Any) -> dict[str, Any]:
+    iat = int(clock.wall())
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-1",
+        "iat": iat,
+        "exp": iat + ttl,
+        "jti": secrets.token_urlsafe(16),
+        "sid": "family-1",
+        "tokenVersion": 0,
+        "email": "alice@example.com",
+        "role": "user",
+    }
+    for name, value in changes.items():
+        if value is DELETE:
+            claims.pop(name, None)
+        else:
+            claims[name] = value
+    return claims
+
+
+DELETE: Any = object()
+
+
+def header_for(key: rsa.RSAPrivateKey, **changes: Any) -> dict[str, Any]:
+    header: dict[str, Any] = {"alg": "RS256", "typ": "at+jwt", "kid": kid_of(key)}
+    for name, value in changes.items():
+        if value is DELETE:
+            header.pop(name, None)
+        else:
+            header[name] = value
+    return header
+
+
+def sign(header: Mapping[str, Any], payload: Mapping[str, Any] | bytes, key: rsa.RSAPrivateKey) -> str:
+    """RS256 with cryptography directly, whatever the header says: tests build exactly the token they mean."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
+    signing_input = f"{b64url_json(header)}.{b64url(body)}"
+    signature = key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def mint(clock: SimClock, key: rsa.RSAPrivateKey | None = None, **claim_changes: Any) -> str:
+    key = key or private_key(0)
+    return sign(header_for(key), claims_for(clock, **claim_changes), key)
+
+
+# ---------------------------------------------------------------- a fake issuer
+
+
+Responder = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
+
+
+@dataclass
+class FakeIssuer:
+    """Serves the metadata and the JWKS like the real issuer (max-age, ETag, 304), until told to misbehave.
+
+    ``failure``, when set, answers every JWKS request (it may raise, e.g. ``httpx.ConnectError``).
+    ``gate``, when set, holds every JWKS request until it is set: concurrent callers pile up behind it.
+    """
+
+    keys: list[dict[str, Any]] = field(default_factory=lambda: [public_jwk(private_key(0))])
+    issuer: str = ISSUER
+    jwks_uri: str = JWKS_URI
+    cache_control: str | None = "public, max-age=300"
+    etags: bool = True
+    failure: Responder | None = None
+    gate: asyncio.Event | None = None
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    @property
+    def jwks_requests(self) -> list[httpx.Request]:
+        return [r for r in self.requests if str(r.url) == self.jwks_uri]
+
+    @property
+    def metadata_requests(self) -> list[httpx.Request]:
+        return [r for r in self.requests if str(r.url) == METADATA_URI]
+
+    def body(self) -> bytes:
+        return json.dumps({"keys": self.keys}, separators=(",", ":")).encode()
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if str(request.url) == METADATA_URI:
+            return httpx.Response(200, json={"issuer": self.issuer, "jwks_uri": self.jwks_uri})
+        if str(request.url) != self.jwks_uri:
+            return httpx.Response(404)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failure is not None:
+            answer = self.failure(request)
+            return await answer if isinstance(answer, Awaitable) else answer
+        body = self.body()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+        headers = {"Cache-Control": self.cache_control} if self.cache_control else {}
+        if self.etags:
+            headers["ETag"] = etag
+            if request.headers.get("if-none-match") == etag:
+                return httpx.Response(304, headers=headers)
+        return httpx.Response(200, content=body, headers={"Content-Type": "application/json", **headers})
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.MockTransport(self.handle))
+
+
+def verifier_for(
+    http: httpx.AsyncClient, clock: SimClock, *, discover: bool = False, leeway: int = 5, **cache_options: Any
+) -> AccessTokenVerifier:
+    jwks = (
+        JWKSCache(issuer=ISSUER, http_client=http, monotonic=clock.monotonic, **cache_options)
+        if discover
+        else JWKSCache(jwks_uri=JWKS_URI, http_client=http, monotonic=clock.monotonic, **cache_options)
+    )
+    return AccessTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks=jwks, leeway=leeway, clock=clock.wall)
+
+
+# ---------------------------------------------------------------- counting a real app's traffic
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """Wraps a transport (e.g. ``httpx.ASGITransport(app=issuer_app)``) and records every request path."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.paths: list[str] = []
+        self.statuses: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths.append(request.url.path)
+        response = await self.inner.handle_async_request(request)
+        self.statuses.append(response.status_code)
+        return response
+
+    def count(self, path: str) -> int:
+        return self.paths.count(path)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
