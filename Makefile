@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install run test lint format clean
+.PHONY: install run test bench lint format clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+## Throughput against baselines measured in the same run (PostgreSQL on 127.0.0.1:5432; installs wrk if missing).
+bench: install
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) || \
+		(echo "bench: wrk is needed (Debian: apt-get install wrk)"; exit 1)
+	$(BIN)/python -m bench.run
 
 lint: install
 	$(BIN)/ruff check .

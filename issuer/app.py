@@ -67,6 +67,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await cleaner
             await services.keys.stop()
+            services.passwords.close()
             await services.engine.dispose()
 
     app = Starlette(

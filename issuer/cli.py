@@ -167,6 +167,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         proxy_headers=False,  # X-Forwarded-For is judged by TRUSTED_PROXIES in the app, not by uvicorn
         server_header=False,
         log_config=uvicorn_log_config(),
+        # Off by default: a line per request costs more than serving the JWKS; the audit events (logins,
+        # refreshes, reuse, logouts, key changes) are logged either way, and gateways log requests.
+        access_log=settings.access_log,
     )
     return 0
 

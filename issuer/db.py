@@ -171,8 +171,10 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             cursor.close()
 
         return engine
+    # A fixed-size pool (as HikariCP advises): requests beyond it wait for a connection (up to pool_timeout),
+    # which is cheaper than overflow connections that are opened, TLS-negotiated and closed per burst.
     kwargs.setdefault("pool_size", 10)
-    kwargs.setdefault("max_overflow", 20)
+    kwargs.setdefault("max_overflow", 0)
     kwargs.setdefault("pool_timeout", 5)
     connect_args = kwargs.pop("connect_args", {})
     # Bounded waits: a dead database must produce a 503 quickly, never a hung request.

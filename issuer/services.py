@@ -47,7 +47,7 @@ class Services:
         engine: AsyncEngine | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> Services:
-        engine = engine or create_engine(settings.database_url)
+        engine = engine or create_engine(settings.database_url, pool_size=settings.db_pool_size)
         metrics = Metrics()
         keys = KeyManager(engine, settings, clock)
         passwords = Passwords(settings.argon2)

@@ -76,6 +76,8 @@ class Settings:
     rate_limit_per_ip: int = 120
     login_lockout_threshold: int = 5
     cleanup_interval: int = 3600
+    db_pool_size: int = 10
+    access_log: bool = False
     cleanup_retention: int = 604800
 
     @classmethod
@@ -101,6 +103,8 @@ class Settings:
             rate_limit_per_ip=_int(env, "RATE_LIMIT_PER_IP", 120, minimum=0),
             login_lockout_threshold=_int(env, "LOGIN_LOCKOUT_THRESHOLD", 5, minimum=0),
             cleanup_interval=_int(env, "CLEANUP_INTERVAL", 3600, minimum=0),
+            db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1),
+            access_log=_bool(env, "ACCESS_LOG", False),
             cleanup_retention=_int(env, "CLEANUP_RETENTION", 604800, minimum=0),
             allowed_origins=_csv(env, "ALLOWED_ORIGINS"),
             trusted_proxies=_csv(env, "TRUSTED_PROXIES"),

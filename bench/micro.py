@@ -1,0 +1,116 @@
+"""In-process micro-benchmarks: token verification, and the argon2id bound of the login path."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import jwt as pyjwt
+from argon2 import PasswordHasher, Type
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+from joserfc.util import urlsafe_b64decode
+
+from issuer.settings import Argon2Params
+from issuer.verifier import AccessTokenVerifier, JWKSCache
+
+ISSUER = "https://issuer.bench"
+AUDIENCE = "api"
+
+
+def per_second(fn: Callable[[], object], seconds: float) -> float:
+    """Calls per second of ``fn`` in a tight loop, after a short warm-up."""
+    for _ in range(200):
+        fn()
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        for _ in range(100):
+            fn()
+        calls += 100
+    return calls / elapsed
+
+
+def verification(seconds: float) -> dict[str, float]:
+    """Verifications per second of one RS256 access token: raw cryptography, PyJWT, and our verifier."""
+    key = RSAKey.generate_key(2048, parameters={"kid": "bench", "alg": "RS256"})
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-1",
+        "iat": now,
+        "exp": now + 900,
+        "jti": "j",
+        "sid": "s",
+        "tokenVersion": 0,
+        "email": "a@example.com",
+        "role": "user",
+    }
+    token = jwt.encode({"alg": "RS256", "typ": "at+jwt", "kid": "bench"}, claims, key)
+    public = RSAKey.import_key(key.as_dict(private=False))
+    prepared = public.get_op_key("verify")  # a cryptography RSAPublicKey, parsed once
+
+    def raw() -> None:
+        signing_input, _, signature = token.rpartition(".")
+        prepared.verify(
+            urlsafe_b64decode(signature.encode()), signing_input.encode(), padding.PKCS1v15(), hashes.SHA256()
+        )
+
+    def with_pyjwt() -> None:
+        pyjwt.decode(token, prepared, algorithms=["RS256"], audience=AUDIENCE, issuer=ISSUER)
+
+    ours = _our_verifier(public, token)
+    return {
+        "raw": per_second(raw, seconds),
+        "pyjwt": per_second(with_pyjwt, seconds),
+        "ours": per_second(ours, seconds),
+    }
+
+
+def _our_verifier(public: RSAKey, token: str) -> Callable[[], Any]:
+    """The shipped verifier with a warm key cache, driven synchronously (one coroutine step per call)."""
+    jwks = {"keys": [public.as_dict()]}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=jwks))
+    cache = JWKSCache(jwks_uri=f"{ISSUER}/jwks", http_client=httpx.AsyncClient(transport=transport))
+    checker = AccessTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks=cache)
+    asyncio.run(checker.verify(token))  # warms the cache
+
+    def ours() -> None:
+        coroutine = checker.verify(token)
+        try:
+            coroutine.send(None)
+        except StopIteration:
+            return
+        coroutine.close()
+        raise RuntimeError("the verifier awaited on a warm cache")
+
+    return ours
+
+
+def argon2_bound(params: Argon2Params, seconds: float) -> tuple[float, int]:
+    """argon2id verifications per second with the configured parameters on every core (the login ceiling)."""
+    hasher = PasswordHasher(
+        time_cost=params.time_cost, memory_cost=params.memory_cost_kib, parallelism=params.parallelism, type=Type.ID
+    )
+    stored = hasher.hash("correct horse battery staple")
+    threads = os.cpu_count() or 1
+    deadline = time.perf_counter() + seconds
+
+    def worker() -> int:
+        done = 0
+        while time.perf_counter() < deadline:
+            hasher.verify(stored, "correct horse battery staple")
+            done += 1
+        return done
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(lambda _: worker(), range(threads)))
+    return total / (time.perf_counter() - started), threads

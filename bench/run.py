@@ -1,0 +1,362 @@
+"""`python -m bench.run`: every figure next to a baseline measured in the same run, on the same box.
+
+Starts what it needs: a fresh PostgreSQL database, the issuer (uvicorn, uvloop, httptools; 1 then 2
+workers), the reference servers from ``bench/reference.py``; drives them with wrk from a second process
+on loopback; prints a table; writes ``bench-results.json`` and the table into ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import secrets
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from bench import micro, servers, wrk
+from issuer import store
+from issuer.db import create_engine
+from issuer.families import FamilyPolicy, RefreshFamilies
+from issuer.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench-results.json"
+DOC = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+EMAIL, PASSWORD = "bench@example.com", "correct horse battery staple"
+# Enough logins in flight to keep every core hashing; twice as many accounts, so none has two in flight.
+LOGIN_CONNECTIONS, LOGIN_ACCOUNTS = 8, 16
+ADMIN_DSN = os.environ.get("BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    what: str
+    result: dict[str, Any]
+    baseline_name: str
+    baseline: dict[str, Any]
+    target: float  # minimum ratio result/baseline (throughput)
+
+    @property
+    def ratio(self) -> float:
+        return self.result["rps"] / self.baseline["rps"] if self.baseline["rps"] else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.result,
+            "what": self.what,
+            "baseline": {"name": self.baseline_name, **self.baseline},
+            "ratio": round(self.ratio, 3),
+            "target": self.target,
+            "meets_target": self.ratio >= self.target and self.result.get("errors", 0) == 0,
+        }
+
+
+class Bench:
+    def __init__(self, seconds: int, warmup: int, connections: int) -> None:
+        self.seconds, self.warmup, self.connections = seconds, warmup, connections
+        self.work = Path(tempfile.mkdtemp(prefix="issuer-bench-"))
+        self.log = self.work / "servers.log"
+        self.db = f"issuer_bench_{secrets.token_hex(4)}"
+        self.pg_dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + self.db
+        self.env = {
+            "DATABASE_URL": self.pg_dsn.replace("postgresql://", "postgresql+asyncpg://", 1),
+            "ISSUER_KEK": base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode(),
+            # One load generator is one client address: the per-IP limit would measure itself.
+            "RATE_LIMIT_PER_IP": "0",
+            "BENCH_PG_DSN": self.pg_dsn,
+        }
+
+    # ------------------------------------------------------------ set-up
+
+    def create_database(self) -> None:
+        async def go() -> None:
+            admin = await asyncpg.connect(ADMIN_DSN)
+            try:
+                await admin.execute(f'CREATE DATABASE "{self.db}"')
+            finally:
+                await admin.close()
+
+        asyncio.run(go())
+        env = {**os.environ, **self.env}
+        # The project's own console script on a fixed argument.
+        subprocess.run([str(servers.BIN / "issuer"), "migrate"], env=env, cwd=ROOT, check=True)  # noqa: S603
+
+    def drop_database(self) -> None:
+        async def go() -> None:
+            admin = await asyncpg.connect(ADMIN_DSN)
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+            finally:
+                await admin.close()
+
+        asyncio.run(go())
+
+    def vacuum(self) -> None:
+        """Every refresh leaves dead rows behind: start each refresh figure from the same clean state, so
+        that the order of the figures (and autovacuum's timing) does not favour whichever runs first."""
+
+        async def go() -> None:
+            conn = await asyncpg.connect(self.pg_dsn)
+            try:
+                await conn.execute("VACUUM ANALYZE")
+            finally:
+                await conn.close()
+
+        asyncio.run(go())
+
+    def seed_refresh_tokens(self, count: int) -> Path:
+        """``count`` fresh families of the bench user, each with its first refresh token (one per line)."""
+
+        async def go() -> list[str]:
+            engine = create_engine(self.env["DATABASE_URL"])
+            try:
+                async with engine.connect() as conn:
+                    user = await store.user_by_email(conn, EMAIL)
+                assert user is not None
+                policy = FamilyPolicy(timedelta(days=7), timedelta(days=30), timedelta(seconds=10))
+                families = RefreshFamilies(engine, policy, secrets.token_bytes(32))
+                now = datetime.now(UTC)
+                return [
+                    (await families.start(user, now=now, user_agent="bench", ip="127.0.0.1")).token
+                    for _ in range(count)
+                ]
+            finally:
+                await engine.dispose()
+
+        path = self.work / f"tokens-{secrets.token_hex(4)}.txt"
+        path.write_text("\n".join(asyncio.run(go())) + "\n")
+        return path
+
+    # ------------------------------------------------------------ servers
+
+    @contextmanager
+    def issuer(self, workers: int) -> Iterator[str]:
+        port = servers.free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**self.env, "ISSUER_URL": url}
+        with servers.serving(servers.issuer_command(port, workers), env, f"{url}/readyz", self.log):
+            yield url
+
+    @contextmanager
+    def reference(self, app: str, workers: int, ready_path: str, ready_status: int) -> Iterator[str]:
+        port = servers.free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = servers.uvicorn_command(app, port, workers)
+        with servers.serving(command, self.env, url + ready_path, self.log, ready_status=ready_status):
+            yield url
+
+    # ------------------------------------------------------------ load
+
+    def load(self, url: str, script: str, arg: str | Path | None = None, connections: int | None = None) -> dict:
+        conns = connections or self.connections
+        argument = None if arg is None else str(arg)
+        wrk.run(url, script, self.work, arg=argument, seconds=self.warmup, connections=conns)
+        return wrk.run(url, script, self.work, arg=argument, seconds=self.seconds, connections=conns).as_dict()
+
+    def refresh_load(self, url: str) -> dict:
+        """Warm-up and measurement each get their own chains of tokens (a chain's tip stays inside wrk).
+
+        wrk asks the script for a few requests it never sends (when it sets up connections), so each run
+        gets four tokens per connection; the spare ones simply wait in the queue."""
+        spare = self.connections * 4
+        self.vacuum()
+        wrk.run(
+            url + "/auth/refresh",
+            wrk.REFRESH,
+            self.work,
+            arg=str(self.seed_refresh_tokens(spare)),
+            seconds=self.warmup,
+            connections=self.connections,
+        )
+        tokens = self.seed_refresh_tokens(spare)
+        return wrk.run(
+            url + "/auth/refresh",
+            wrk.REFRESH,
+            self.work,
+            arg=str(tokens),
+            seconds=self.seconds,
+            connections=self.connections,
+        ).as_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", "8")))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/performance.md")
+    args = parser.parse_args()
+    started = time.monotonic()
+    bench = Bench(args.seconds, args.warmup, args.connections)
+    rows: list[Row] = []
+    bench.create_database()
+    try:
+        rows = run_all(bench)
+    finally:
+        bench.drop_database()
+    report(rows, bench, time.monotonic() - started, write_doc=not args.no_doc)
+
+
+def run_all(bench: Bench) -> list[Row]:
+    rows: list[Row] = []
+    print(
+        f"bench: wrk -t1 -c{bench.connections}, {bench.warmup}s warm-up + {bench.seconds}s per figure; "
+        f"server logs in {bench.log}"
+    )
+
+    with bench.reference("bench.reference:trivial", 1, "/hello", 200) as url:
+        trivial = bench.load(url + "/hello", wrk.PLAIN)
+    print(f"  trivial endpoint: {trivial['rps']:.0f}/s")
+
+    with bench.issuer(1) as url:
+        bodies = []
+        for i in range(LOGIN_ACCOUNTS):
+            email = EMAIL if i == 0 else f"bench{i}@example.com"
+            httpx.post(f"{url}/auth/register", json={"email": email, "password": PASSWORD}, timeout=30)
+            bodies.append(json.dumps({"email": email, "password": PASSWORD, "token_transport": "body"}))
+        login = httpx.post(
+            f"{url}/auth/login", json={"email": EMAIL, "password": PASSWORD, "token_transport": "body"}, timeout=30
+        )
+        login.raise_for_status()
+        access = bench.work / "access.txt"
+        access.write_text(login.json()["access_token"] + "\n")
+        body = bench.work / "login.jsonl"
+        body.write_text("\n".join(bodies) + "\n")
+
+        jwks = bench.load(url + "/.well-known/jwks.json", wrk.PLAIN)
+        rows.append(Row("jwks", "GET /.well-known/jwks.json", jwks, "trivial Starlette JSON endpoint", trivial, 0.8))
+        print(f"  jwks: {jwks['rps']:.0f}/s")
+        me = bench.load(url + "/auth/me", wrk.BEARER, access)
+        rows.append(
+            Row("me", "GET /auth/me (verify + one indexed lookup)", me, "trivial Starlette JSON endpoint", trivial, 0.5)
+        )
+        print(f"  me: {me['rps']:.0f}/s")
+        refresh_1 = bench.refresh_load(url)
+        print(f"  refresh (1 worker): {refresh_1['rps']:.0f}/s")
+        logins = bench.load(url + "/auth/login", wrk.LOGIN, body, connections=LOGIN_CONNECTIONS)
+        print(f"  login: {logins['rps']:.1f}/s")
+
+    with bench.reference("bench.reference:reference", 1, "/", 404) as url:
+        reference_1 = bench.refresh_load(url)
+    print(f"  reference refresh (1 worker): {reference_1['rps']:.0f}/s")
+    rows.append(
+        Row(
+            "refresh",
+            "POST /auth/refresh (body transport), 1 worker",
+            refresh_1,
+            "minimal Starlette+asyncpg refresh, 1 worker",
+            reference_1,
+            0.8,
+        )
+    )
+
+    with bench.issuer(2) as url:
+        refresh_2 = bench.refresh_load(url)
+    print(f"  refresh (2 workers): {refresh_2['rps']:.0f}/s")
+    with bench.reference("bench.reference:reference", 2, "/", 404) as url:
+        reference_2 = bench.refresh_load(url)
+    print(f"  reference refresh (2 workers): {reference_2['rps']:.0f}/s")
+    rows.append(
+        Row(
+            "refresh_2_workers",
+            "POST /auth/refresh, 2 workers",
+            refresh_2,
+            "minimal Starlette+asyncpg refresh, 2 workers",
+            reference_2,
+            0.8,
+        )
+    )
+    rows.append(
+        Row("workers_scaling", "refresh: 2 workers vs 1", refresh_2, "the issuer's refresh, 1 worker", refresh_1, 1.5)
+    )
+
+    params = Settings.from_environ({**bench.env, "ISSUER_URL": "http://127.0.0.1:8000"}).argon2
+    bound, threads = micro.argon2_bound(params, 5)
+    argon = {"rps": round(bound, 1), "p50_ms": None, "p99_ms": None, "errors": 0}
+    rows.append(
+        Row(
+            "login",
+            f"POST /auth/login, 1 worker (argon2id m={params.memory_cost_kib} KiB, "
+            f"t={params.time_cost}, p={params.parallelism})",
+            logins,
+            f"argon2id verify alone, {threads} threads",
+            argon,
+            0.9,
+        )
+    )
+
+    rates = micro.verification(3)
+    ours = {"rps": round(rates["ours"], 1), "p50_ms": round(1000 / rates["ours"], 4), "p99_ms": None, "errors": 0}
+    raw = {"rps": round(rates["raw"], 1), "p50_ms": round(1000 / rates["raw"], 4), "p99_ms": None, "errors": 0}
+    pyjwt = {"rps": round(rates["pyjwt"], 1), "p50_ms": round(1000 / rates["pyjwt"], 4), "p99_ms": None, "errors": 0}
+    rows.append(Row("verify", "issuer.verifier, warm cache (per token)", ours, "raw cryptography RSA verify", raw, 0.4))
+    rows.append(
+        Row("verify_vs_pyjwt", "issuer.verifier, warm cache (per token)", ours, "PyJWT with a prepared key", pyjwt, 1.0)
+    )
+    return rows
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| figure | req/s | p50 ms | p99 ms | errors | baseline | baseline req/s | ratio | target | met |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|:-:|",
+    ]
+    for row in rows:
+        r, b = row.result, row.baseline
+        lines.append(
+            f"| {row.name} | {_fmt(r['rps'], ',.0f')} | {_fmt(r['p50_ms'], '.2f')} | {_fmt(r['p99_ms'], '.2f')} | "
+            f"{r['errors']} | {row.baseline_name} | {_fmt(b['rps'], ',.0f')} | {row.ratio:.2f}x | "
+            f">= {row.target}x | {'yes' if row.as_dict()['meets_target'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], bench: Bench, elapsed: float, *, write_doc: bool) -> None:
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    text = table(rows)
+    print()
+    print(text)
+    print(f"\n{machine}; whole run {elapsed:.0f} s")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "when": datetime.now(UTC).isoformat(timespec="seconds"),
+                "machine": machine,
+                "load": {"tool": "wrk -t1", "connections": bench.connections, "seconds": bench.seconds},
+                "elapsed_s": round(elapsed, 1),
+                "results": {row.name: row.as_dict() for row in rows},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    if write_doc and DOC.exists():
+        doc = DOC.read_text()
+        if BEGIN in doc and END in doc:
+            stamp = f"Latest run: {datetime.now(UTC):%Y-%m-%d}, {machine}, {elapsed:.0f} s in all.\n\n"
+            head, rest = doc.split(BEGIN, 1)
+            DOC.write_text(head + BEGIN + "\n" + stamp + text + "\n" + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
