@@ -181,12 +181,10 @@ class KeyRing:
         ]
         return max(candidates, key=lambda k: (k.record.retire_at, k.record.kid), default=None)
 
-    def verification_keys(self, now: datetime) -> dict[str, LoadedKey]:
-        """Keys whose signatures the issuer accepts now: everything in the JWKS."""
-        return {k.record.kid: k for k in self.keys if _published(k.record, now, self.retire_grace)}
-
     def verification_key_map(self, now: datetime) -> Mapping[str, RSAKey]:
-        """``verification_keys`` as kid -> key, built once per distinct published set (per request otherwise)."""
+        """Keys whose signatures the issuer accepts now (everything in the JWKS), as kid -> key.
+
+        Built once per distinct published set, like the JWKS bytes, not once per request."""
         published = self._published_kids(now)
         mapping = self._verify_cache.get(published)
         if mapping is None:

@@ -57,5 +57,5 @@ class Passwords:
         """Let the hashing threads end (the app's lifespan calls this on shutdown)."""
         self._pool.shutdown(wait=False)
 
-    async def _off_loop(self, fn: Callable[[str, str], T] | Callable[[str], T], *args: str) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+    async def _off_loop(self, fn: Callable[..., T], *args: str) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

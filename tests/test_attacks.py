@@ -121,9 +121,7 @@ class Forge:
 
     def verify(self, token: str, *, required: tuple[str, ...] | None = None) -> dict[str, Any]:
         now = self.harness.clock()
-        keys = {
-            kid: loaded.signing_key for kid, loaded in self.harness.services.keys.ring.verification_keys(now).items()
-        }
+        keys = self.harness.services.keys.ring.verification_key_map(now)
         extra = {} if required is None else {"required_claims": required}
         return verify_access_token(
             token,
