@@ -68,6 +68,8 @@ def create_app(
                     await cleaner
             await services.keys.stop()
             services.passwords.close()
+            if services.hot is not None:
+                await services.hot.close()
             await services.engine.dispose()
 
     app = Starlette(

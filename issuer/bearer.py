@@ -2,31 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from joserfc.jwk import RSAKey
 from starlette.requests import Request
 
-from issuer import hotpath, store
 from issuer.clock import Clock
 from issuer.errors import InvalidToken, Unauthenticated
 from issuer.key_manager import KeyManager
 from issuer.metrics import Metrics
 from issuer.settings import Settings
 from issuer.store import User
-from issuer.verifier import TokenError, verify_access_token
+from issuer.user_lookup import UserLookup
+from issuer.verifier import TokenError
+from issuer.verifier.errors import UnknownKey
+from issuer.verifier.verify import check_claims_with, claims_registry, parse_token, verify_signature
+
+REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat", "jti", "sid", "tokenVersion")
 
 
 @dataclass(frozen=True)
 class Caller:
     user: User
-    claims: dict[str, Any]
+    claims: Mapping[str, Any]
 
     @property
     def session_id(self) -> str | None:
         sid = self.claims.get("sid")
         return sid if isinstance(sid, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    claims: Mapping[str, Any]
+    kid: str
+    key: RSAKey
 
 
 def bearer_token(request: Request) -> str:
@@ -43,28 +56,47 @@ def bearer_token(request: Request) -> str:
 
 
 class BearerAuth:
+    """Verifies the token, then reads the caller's user from the database on every request.
+
+    Signatures: a client calls with the same access token many times, so the claims of a token whose
+    signature checked out are kept, keyed by the exact token string, together with the key object that
+    checked it (as gateways such as Envoy's jwt_authn do). A later call with that very string skips only
+    the RSA operation, and only while that same key is still published: a revoked or gone key leaves the
+    verification map and takes its tokens' entries with it. ``exp``/``nbf``/``iat`` and every other claim
+    rule are checked again on every call. The memo is bounded (oldest entries leave first).
+
+    The user and its tokenVersion are never cached: that read is what makes logout-all and account
+    deletion take effect at once (``UserLookup`` batches concurrent reads without weakening that).
+    """
+
     def __init__(
-        self, engine: AsyncEngine, keys: KeyManager, settings: Settings, clock: Clock, metrics: Metrics
+        self,
+        users: UserLookup,
+        keys: KeyManager,
+        settings: Settings,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        memo_size: int = 4096,
     ) -> None:
-        self._engine = engine
+        self._users = users
         self._keys = keys
-        self._settings = settings
         self._clock = clock
         self._metrics = metrics
+        self._memo: dict[str, _Verified] = {}
+        self._memo_size = memo_size
+        # One registry for every call: it reads the clock itself, on each check.
+        self._registry = claims_registry(
+            issuer=settings.issuer_url,
+            audience=settings.audience,
+            now=lambda: int(clock().timestamp()),
+            leeway=settings.clock_leeway,
+        )
 
     async def authenticate(self, request: Request) -> Caller:
         token = bearer_token(request)
-        now = self._clock()
         try:
-            claims = verify_access_token(
-                token,
-                self._keys.ring.verification_key_map(now),
-                issuer=self._settings.issuer_url,
-                audience=self._settings.audience,
-                now=int(now.timestamp()),
-                leeway=self._settings.clock_leeway,
-                required_claims=("iss", "aud", "sub", "exp", "iat", "jti", "sid", "tokenVersion"),
-            )
+            claims = self._claims(token)
         except TokenError as exc:
             self._metrics.token_failures.labels(exc.reason).inc()
             raise InvalidToken(exc.detail) from None
@@ -72,7 +104,7 @@ class BearerAuth:
         if not isinstance(version, int) or isinstance(version, bool):
             self._metrics.token_failures.labels("invalid_claims").inc()
             raise InvalidToken("The access token has an invalid 'tokenVersion' claim.")
-        user = await self._user(claims["sub"])
+        user = await self._users.get(claims["sub"])
         if user is None:
             self._metrics.token_failures.labels("unknown_user").inc()
             raise InvalidToken("The access token's user no longer exists.")
@@ -81,9 +113,28 @@ class BearerAuth:
             raise InvalidToken("The access token has been revoked.")
         return Caller(user, claims)
 
-    async def _user(self, user_id: str) -> User | None:
-        """One indexed lookup; on PostgreSQL one round trip with no transaction around it."""
-        if hotpath.is_postgres(self._engine):
-            return await hotpath.user_by_id(self._engine, user_id)
-        async with self._engine.connect() as conn:
-            return await store.user_by_id(conn, user_id)
+    def _claims(self, token: str) -> Mapping[str, Any]:
+        """The token's claims if it is valid now; the RSA check is skipped for a token already checked."""
+        now = self._clock()
+        keys = self._keys.ring.verification_key_map(now)
+        known = self._memo.get(token)
+        if known is not None and keys.get(known.kid) is known.key:
+            claims = known.claims
+        else:
+            parsed = parse_token(token)
+            key = keys.get(parsed.kid) if parsed.kid is not None else None
+            if parsed.kid is None or key is None:
+                raise UnknownKey()
+            claims = MappingProxyType(verify_signature(parsed, key))
+            known = _Verified(claims, parsed.kid, key)
+        check_claims_with(claims, self._registry, REQUIRED_CLAIMS)  # type: ignore[arg-type]  # only reads
+        self._remember(token, known)
+        return claims
+
+    def _remember(self, token: str, verified: _Verified) -> None:
+        memo = self._memo
+        if token in memo:
+            return
+        if len(memo) >= self._memo_size:
+            del memo[next(iter(memo))]
+        memo[token] = verified

@@ -32,6 +32,12 @@ from sqlalchemy.types import TypeDecorator
 
 UpsertInsert = PgInsert | SqliteInsert
 
+# Bounded waits on PostgreSQL, shared by the engine's pool and the hot path's (``hotpath.HotPool``): a dead
+# database must produce a 503 within seconds, never a hung request.
+CONNECT_TIMEOUT = 5.0  # opening a connection
+COMMAND_TIMEOUT = 10.0  # one statement (asyncpg then cancels it in the server)
+POOL_TIMEOUT = 5.0  # waiting for a free pooled connection
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend.
@@ -175,11 +181,10 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     # which is cheaper than overflow connections that are opened, TLS-negotiated and closed per burst.
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 0)
-    kwargs.setdefault("pool_timeout", 5)
+    kwargs.setdefault("pool_timeout", POOL_TIMEOUT)
     connect_args = kwargs.pop("connect_args", {})
-    # Bounded waits: a dead database must produce a 503 quickly, never a hung request.
-    connect_args.setdefault("timeout", 5)
-    connect_args.setdefault("command_timeout", 10)
+    connect_args.setdefault("timeout", CONNECT_TIMEOUT)
+    connect_args.setdefault("command_timeout", COMMAND_TIMEOUT)
     engine = create_async_engine(url, connect_args=connect_args, **kwargs)
 
     @event.listens_for(engine.sync_engine, "checkout")

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from issuer import hotpath, store
 from issuer.errors import InvalidGrant, NotFound, RefreshTokenReused
+from issuer.hotpath import HotPool
 from issuer.store import Family, User
 
 log = logging.getLogger("issuer.audit")
@@ -60,8 +61,11 @@ class FamilyPolicy:
 
 
 class RefreshFamilies:
-    def __init__(self, engine: AsyncEngine, policy: FamilyPolicy, successor_secret: bytes) -> None:
+    def __init__(
+        self, engine: AsyncEngine, policy: FamilyPolicy, successor_secret: bytes, hot: HotPool | None = None
+    ) -> None:
         self._engine = engine
+        self._hot = hot
         self._policy = policy
         self._secret = successor_secret
 
@@ -144,8 +148,8 @@ class RefreshFamilies:
         steps run in one transaction. None when the token was not live (the caller finds out why).
         """
         longest = now + self._policy.refresh_ttl
-        if hotpath.is_postgres(self._engine):
-            return await hotpath.rotate(self._engine, presented_hash, successor_hash, now, longest)
+        if self._hot is not None:
+            return await hotpath.rotate(self._hot, presented_hash, successor_hash, now, longest)
         async with self._engine.begin() as conn:
             family_id = await store.consume_token(conn, presented_hash, now)
             if family_id is None:

@@ -1,10 +1,11 @@
 """The statements on the request hot path, each one round trip to PostgreSQL.
 
-Refreshes and bearer-authenticated calls are the issuer's volume. On PostgreSQL they skip SQLAlchemy's
-execution layer (about 100 µs of CPU per statement here) and its transaction handling (a BEGIN and a
-COMMIT, two more round trips): the connection still comes from SQLAlchemy's pool, but the statement goes
-to asyncpg directly, outside any transaction, as a prepared statement that asyncpg caches per connection.
-One statement is atomic on its own, so the rotation stays all-or-nothing without BEGIN/COMMIT.
+Refreshes and bearer-authenticated calls are the issuer's volume. On PostgreSQL they skip SQLAlchemy
+entirely: its execution layer (about 100 µs of CPU per statement here), its transaction handling (a BEGIN
+and a COMMIT, two more round trips) and its pool (a greenlet switch and an event dispatch per checkout,
+about a quarter of an /auth/me). They run on :class:`HotPool`, a plain asyncpg pool beside the engine's,
+outside any transaction, as prepared statements that asyncpg caches per connection. One statement is
+atomic on its own, so the rotation stays all-or-nothing without BEGIN/COMMIT.
 
 SQLite cannot nest an UPDATE inside WITH; there the portable functions in ``store`` run in one
 transaction instead (a local file has no round trips to save).
@@ -12,11 +13,15 @@ transaction instead (a local file has no round trips to save).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from issuer.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT, POOL_TIMEOUT
 from issuer.store import User
 
 # The rotation in one statement. ``consumed`` is the race arbiter: under READ COMMITTED, of N concurrent
@@ -54,7 +59,8 @@ JOIN touched ON touched.id = successor.family_id
 JOIN users AS u ON u.id = touched.user_id
 """
 
-USER_BY_ID_SQL = "SELECT id, email, password_hash, role, token_version FROM users WHERE id = $1"
+# Every user in ``$1`` in one statement: concurrent bearer calls share one lookup (``user_lookup``).
+USERS_BY_ID_SQL = "SELECT id, email, password_hash, role, token_version FROM users WHERE id = ANY($1::text[])"
 
 
 class DatabaseUnavailable(Exception):
@@ -65,41 +71,95 @@ def is_postgres(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
-async def fetch_one(engine: AsyncEngine, sql: str, *args: object, idempotent: bool) -> asyncpg.Record | None:
-    """Run one statement on a pooled connection through asyncpg, in autocommit, in one round trip.
+class HotPool:
+    """A plain asyncpg pool for the hot-path statements, on the engine's database and connect settings.
 
-    A connection the server dropped while it sat in the pool (a restart, a failover, a killed backend whose
-    close had not arrived yet when it was checked out) fails on first use. The statement is then retried
-    once on a fresh connection when that is safe: always for a read (``idempotent``), and for a write only
-    when the driver refused before sending anything. A write that may have reached the server is never
-    replayed here; the client gets a 503 and retries itself (for a refresh, REFRESH_REUSE_GRACE makes that
-    retry return the same successor if the first attempt did commit).
+    Connections are opened on demand (none at start-up, so a database that is down at boot is a 503 per
+    request, not a crash) up to ``size``; a connection the server has closed is replaced when it is next
+    taken. Released connections are not reset: asyncpg's default reset is one more round trip per
+    statement, and nothing here changes session state (no transactions, LISTEN, advisory locks or SET).
     """
-    try:
-        return await _fetch_one(engine, sql, args)
-    except DatabaseUnavailable as exc:
-        cause = exc.__cause__
-        unsent = isinstance(cause, asyncpg.InternalClientError)
-        if not (unsent or (idempotent and isinstance(cause, _CONNECTION_LOST))):
-            raise
-    return await _fetch_one(engine, sql, args)
 
+    def __init__(self, engine: AsyncEngine, size: int) -> None:
+        _args, kwargs = engine.dialect.create_connect_args(engine.url)
+        for dialect_only in ("prepared_statement_cache_size", "prepared_statement_name_func", "async_creator_fn"):
+            kwargs.pop(dialect_only, None)
+        self._connect: dict[str, Any] = {"timeout": CONNECT_TIMEOUT, "command_timeout": COMMAND_TIMEOUT, **kwargs}
+        self._size = size
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+        self._closed = False
 
-async def _fetch_one(engine: AsyncEngine, sql: str, args: tuple[object, ...]) -> asyncpg.Record | None:
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+    async def fetch_one(self, sql: str, *args: object, idempotent: bool) -> asyncpg.Record | None:
+        rows = await self.fetch(sql, *args, idempotent=idempotent)
+        return rows[0] if rows else None
+
+    async def fetch(self, sql: str, *args: object, idempotent: bool) -> list[asyncpg.Record]:
+        """Run one statement on a pooled connection, in autocommit, in one round trip.
+
+        A connection the server dropped while it sat in the pool (a restart, a failover, a killed backend
+        whose close had not arrived yet when it was taken) fails on first use. The statement is then
+        retried once on a fresh connection when that is safe: always for a read (``idempotent``), and for a
+        write only when the driver refused before sending anything. A write that may have reached the
+        server is never replayed here; the client gets a 503 and retries itself (for a refresh,
+        REFRESH_REUSE_GRACE makes that retry return the same successor if the first attempt did commit).
+        """
         try:
-            return await driver.fetchrow(sql, *args)
+            return await self._fetch(sql, args)
+        except DatabaseUnavailable as exc:
+            cause = exc.__cause__
+            unsent = isinstance(cause, asyncpg.InternalClientError)
+            if not (unsent or (idempotent and isinstance(cause, _CONNECTION_LOST))):
+                raise
+        return await self._fetch(sql, args)
+
+    async def _fetch(self, sql: str, args: tuple[object, ...]) -> list[asyncpg.Record]:
+        pool = self._pool or await self._open()
+        try:
+            async with asyncio.timeout(POOL_TIMEOUT):
+                conn = await pool.acquire()
+        except _DRIVER_ERRORS as exc:  # connecting failed, or every connection stayed busy
+            raise DatabaseUnavailable(type(exc).__name__) from exc
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
         except _DRIVER_ERRORS as exc:
             # A connection the server dropped, or one whose statement timed out (asyncpg has already asked
             # the server to cancel it), is not reused: in a partition it would only time out again.
-            await conn.invalidate()
+            with contextlib.suppress(asyncpg.InterfaceError):  # a closed one is already back in the pool
+                conn.terminate()
             raise DatabaseUnavailable(type(exc).__name__) from exc
         # A cancelled task (client gone, server shutting down) needs nothing here: asyncpg sends the server
         # a cancel request for the running statement, which then rolls back unless it had already finished
         # (then the rotation happened and its response is lost, which REFRESH_REUSE_GRACE covers), and the
         # connection's next user waits until that cancel has completed.
+        finally:
+            await pool.release(conn)
+
+    async def _open(self) -> asyncpg.Pool:
+        async with self._opening:
+            if self._closed:
+                raise DatabaseUnavailable("the hot-path pool is closed")
+            if self._pool is None:
+                # min_size=0: the pool itself opens nothing until a statement needs a connection.
+                self._pool = await asyncpg.create_pool(
+                    min_size=0,
+                    max_size=self._size,
+                    reset=_keep_session,
+                    max_inactive_connection_lifetime=300,
+                    **self._connect,
+                )
+            return self._pool
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to undo (see :class:`HotPool`), so no round trip on release."""
 
 
 _DRIVER_ERRORS = (
@@ -120,15 +180,15 @@ _CONNECTION_LOST = (
 
 
 async def rotate(
-    engine: AsyncEngine, presented_hash: bytes, successor_hash: bytes, now: datetime, token_expires: datetime
+    pool: HotPool, presented_hash: bytes, successor_hash: bytes, now: datetime, token_expires: datetime
 ) -> tuple[str, datetime, User] | None:
     """Consume a live token and insert its successor; ``(family_id, successor_expiry, user)`` or None."""
-    row = await fetch_one(engine, ROTATE_SQL, presented_hash, now, successor_hash, token_expires, idempotent=False)
+    row = await pool.fetch_one(ROTATE_SQL, presented_hash, now, successor_hash, token_expires, idempotent=False)
     if row is None:
         return None
     return row[0], row[1], User(row[2], row[3], row[4], row[5], row[6])
 
 
-async def user_by_id(engine: AsyncEngine, user_id: str) -> User | None:
-    row = await fetch_one(engine, USER_BY_ID_SQL, user_id, idempotent=True)
-    return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
+async def users_by_id(pool: HotPool, user_ids: list[str]) -> dict[str, User]:
+    rows = await pool.fetch(USERS_BY_ID_SQL, user_ids, idempotent=True)
+    return {row[0]: User(row[0], row[1], row[2], row[3], row[4]) for row in rows}

@@ -17,7 +17,7 @@ import json
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag
@@ -144,6 +144,15 @@ class JwksDocument:
     etag: str
 
 
+@dataclass(frozen=True, slots=True)
+class _StableSpan:
+    """The published kids, which stay the same for every ``now`` in ``[since, until)``."""
+
+    since: datetime
+    until: datetime
+    published: tuple[str, ...]
+
+
 @dataclass
 class KeyRing:
     """The decrypted keys one process holds; replaced wholesale when the table changes."""
@@ -152,6 +161,7 @@ class KeyRing:
     retire_grace: timedelta
     _jwks_cache: dict[tuple[str, ...], JwksDocument] = field(default_factory=dict, repr=False)
     _verify_cache: dict[tuple[str, ...], Mapping[str, RSAKey]] = field(default_factory=dict, repr=False)
+    _span: _StableSpan | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, records: Iterable[KeyRecord], kek: Secret, retire_grace: timedelta) -> KeyRing:
@@ -205,7 +215,27 @@ class KeyRing:
         return document
 
     def _published_kids(self, now: datetime) -> tuple[str, ...]:
-        return tuple(sorted(k.record.kid for k in self.keys if _published(k.record, now, self.retire_grace)))
+        """Asked on every bearer call and JWKS request: worked out again only when a key changes state."""
+        span = self._span
+        if span is not None and span.since <= now < span.until:
+            return span.published
+        published = tuple(sorted(k.record.kid for k in self.keys if _published(k.record, now, self.retire_grace)))
+        self._span = _StableSpan(now, _next_transition(self.keys, now, self.retire_grace), published)
+        return published
+
+
+def _next_transition(keys: Iterable[LoadedKey], now: datetime, retire_grace: timedelta) -> datetime:
+    """The first moment after ``now`` at which any key's state may change (see ``key_state``)."""
+    moments = []
+    for key in keys:
+        r = key.record
+        retired_gone = None if r.retire_at is None else r.retire_at + retire_grace
+        changes = (r.publish_at, r.activate_at, r.retire_at, retired_gone, r.revoked_at)
+        moments += [t for t in changes if t is not None and t > now]
+    return min(moments, default=_END_OF_TIME)
+
+
+_END_OF_TIME = datetime.max.replace(tzinfo=UTC)
 
 
 def signing_record(records: Iterable[KeyRecord], now: datetime, retire_grace: timedelta) -> KeyRecord | None:

@@ -11,17 +11,20 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from issuer import hotpath, store
 from issuer.accounts import Accounts
 from issuer.bearer import BearerAuth
 from issuer.clock import Clock, system_clock
 from issuer.db import create_engine
 from issuer.families import FamilyPolicy, RefreshFamilies
+from issuer.hotpath import HotPool
 from issuer.key_manager import KeyManager
 from issuer.lockout import LockoutPolicy, LoginLockout
 from issuer.metrics import Metrics
 from issuer.passwords import Passwords
 from issuer.settings import Settings
 from issuer.throttle import IpRateLimiter, SharedRateLimiter
+from issuer.user_lookup import Fetch, UserLookup
 
 
 @dataclass
@@ -29,6 +32,8 @@ class Services:
     settings: Settings
     clock: Clock
     engine: AsyncEngine
+    # PostgreSQL only: the plain asyncpg pool for the one-statement hot paths (None on SQLite).
+    hot: HotPool | None
     metrics: Metrics
     keys: KeyManager
     passwords: Passwords
@@ -48,6 +53,7 @@ class Services:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> Services:
         engine = engine or create_engine(settings.database_url, pool_size=settings.db_pool_size)
+        hot = HotPool(engine, settings.db_pool_size) if hotpath.is_postgres(engine) else None
         metrics = Metrics()
         keys = KeyManager(engine, settings, clock)
         passwords = Passwords(settings.argon2)
@@ -60,16 +66,29 @@ class Services:
             settings=settings,
             clock=clock,
             engine=engine,
+            hot=hot,
             metrics=metrics,
             keys=keys,
             passwords=passwords,
             accounts=Accounts(engine, passwords),
-            families=RefreshFamilies(engine, policy, successor_secret(settings)),
-            bearer=BearerAuth(engine, keys, settings, clock, metrics),
+            families=RefreshFamilies(engine, policy, successor_secret(settings), hot),
+            bearer=BearerAuth(UserLookup(_users_fetch(engine, hot)), keys, settings, clock, metrics),
             lockout=LoginLockout(engine, LockoutPolicy(threshold=settings.login_lockout_threshold)),
             ip_limiter=IpRateLimiter(settings.rate_limit_per_ip, monotonic),
             account_ip_limiter=SharedRateLimiter(engine, settings.rate_limit_per_ip, "login+register"),
         )
+
+
+def _users_fetch(engine: AsyncEngine, hot: HotPool | None) -> Fetch:
+    """How a batch of bearer calls reads its users: one hot-path statement, or one portable query."""
+    if hot is not None:
+        return lambda user_ids: hotpath.users_by_id(hot, user_ids)
+
+    async def portable(user_ids: list[str]) -> dict[str, store.User]:
+        async with engine.connect() as conn:
+            return await store.users_by_id(conn, user_ids)
+
+    return portable
 
 
 def successor_secret(settings: Settings) -> bytes:

@@ -85,6 +85,11 @@ async def user_by_id(conn: AsyncConnection, user_id: str) -> User | None:
     return None if row is None else _user(row)
 
 
+async def users_by_id(conn: AsyncConnection, user_ids: list[str]) -> dict[str, User]:
+    rows = await conn.execute(select(users).where(users.c.id.in_(user_ids)))
+    return {row.id: _user(row) for row in rows}
+
+
 async def set_password_hash(conn: AsyncConnection, user_id: str, old_hash: str, new_hash: str) -> None:
     """Replace the hash only if it is still the one we verified (a concurrent change wins)."""
     await conn.execute(

@@ -291,8 +291,8 @@ async def test_database_errors_are_counted(observed: IssuerHarness, monkeypatch:
             raise DatabaseUnavailable("ConnectionDoesNotExistError")
 
         with monkeypatch.context() as patch:
-            patch.setattr(store, "user_by_id", failing)
-            patch.setattr(hotpath, "fetch_one", failing_hot)
+            patch.setattr(store, "users_by_id", failing)
+            patch.setattr(hotpath, "users_by_id", failing_hot)
             for _ in range(2):
                 assert_error(
                     await client.get("/auth/me", headers=bearer(tokens["access_token"])),

@@ -208,8 +208,8 @@ async def test_every_response_has_nosniff(
                 raise RuntimeError("an unexpected bug")
 
             with monkeypatch.context() as patch:
-                patch.setattr(store, "user_by_id", broken)  # the portable path
-                patch.setattr(hotpath, "user_by_id", broken)  # PostgreSQL's one-round-trip path
+                patch.setattr(store, "users_by_id", broken)  # the portable path
+                patch.setattr(hotpath, "users_by_id", broken)  # PostgreSQL's one-round-trip path
                 responses["500"] = await client.get("/auth/me", headers=bearer(access))
             assert_error(responses["500"], 500, "server_error")
             assert "unexpected bug" not in responses["500"].text

@@ -63,8 +63,8 @@ def fail_once(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException) ->
 
 
 def fail_driver_once(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> list[int]:
-    """Make the next asyncpg ``fetchrow`` (the PostgreSQL hot path's only call) raise ``exc``."""
-    original = asyncpg.Connection.fetchrow
+    """Make the next asyncpg ``fetch`` (the PostgreSQL hot path's only call) raise ``exc``."""
+    original = asyncpg.Connection.fetch
     calls: list[int] = []
 
     async def failing(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
@@ -73,7 +73,7 @@ def fail_driver_once(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> lis
             raise exc
         return await original(self, *args, **kwargs)
 
-    monkeypatch.setattr(asyncpg.Connection, "fetchrow", failing)
+    monkeypatch.setattr(asyncpg.Connection, "fetch", failing)
     return calls
 
 
