@@ -88,6 +88,8 @@ def create_app(
     )
     app.state.services = services
     app.state.metadata = wellknown.metadata_document(settings)
+    # Innermost first: the well-known documents are answered inside CORS and the security headers.
+    app.add_middleware(wellknown.WellKnownDocuments, services=services, metadata=app.state.metadata)
     services.metrics.signing_key_age.set_function(lambda: _signing_key_age(services))
     if settings.allowed_origins:
         # Browsers on these origins may call the cookie endpoints with credentials; others get no CORS
