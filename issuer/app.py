@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -180,6 +181,8 @@ class ResponseHeaders:
     def __init__(self, app: ASGIApp, services: Services) -> None:
         self.app = app
         self.services = services
+        # One histogram child per (route, method), looked up in a dict rather than through labels().
+        self._latency: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -199,4 +202,8 @@ class ResponseHeaders:
         finally:
             # The router records the matched route in the scope: no second matching pass per request.
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.services.metrics.latency.labels(route, scope["method"]).observe(time.perf_counter() - started)
+            key = (route, scope["method"])
+            child = self._latency.get(key)
+            if child is None:
+                child = self._latency[key] = self.services.metrics.latency.labels(*key)
+            child.observe(time.perf_counter() - started)

@@ -78,6 +78,7 @@ class Settings:
     cleanup_interval: int = 3600
     db_pool_size: int = 10
     access_log: bool = False
+    log_refreshes: bool = False
     cleanup_retention: int = 604800
 
     @classmethod
@@ -105,6 +106,7 @@ class Settings:
             cleanup_interval=_int(env, "CLEANUP_INTERVAL", 3600, minimum=0),
             db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1),
             access_log=_bool(env, "ACCESS_LOG", False),
+            log_refreshes=_bool(env, "LOG_REFRESHES", False),
             cleanup_retention=_int(env, "CLEANUP_RETENTION", 604800, minimum=0),
             allowed_origins=_csv(env, "ALLOWED_ORIGINS"),
             trusted_proxies=_csv(env, "TRUSTED_PROXIES"),

@@ -374,11 +374,30 @@ def cookie_value(response: httpx.Response) -> str:
     return set_cookie_attributes(response)["refresh_token"]
 
 
+async def test_routine_refreshes_are_counted_not_logged_unless_asked(
+    settings: Settings, clock: FakeClock, audit: AuditCapture
+) -> None:
+    """LOG_REFRESHES=false (the default): a rotation is a metric, a replay in the grace window is a line."""
+    async with running_issuer(settings, clock) as harness, harness.client() as client:
+        await register(client)
+        first = (await login(client))["refresh_token"]
+        rotated = await refresh_body(client, first)
+        assert rotated.status_code == 200
+        assert audit.events("refresh") == []
+        replayed = await refresh_body(client, first)  # inside REFRESH_REUSE_GRACE: the same successor
+        assert replayed.json()["refresh_token"] == rotated.json()["refresh_token"]
+        samples = await scrape(client)
+    [line] = audit.events("refresh")
+    assert line.replayed is True  # type: ignore[attr-defined]
+    assert value(samples, "issuer_refreshes_total", outcome="success") == 1
+    assert value(samples, "issuer_refreshes_total", outcome="replayed") == 1
+
+
 async def test_audit_trail_one_record_per_event(
     settings: Settings, clock: FakeClock, audit: AuditCapture, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    configured = with_settings(settings, login_lockout_threshold=1, refresh_reuse_grace=0)
+    configured = with_settings(settings, login_lockout_threshold=1, refresh_reuse_grace=0, log_refreshes=True)
     passwords = [PASSWORD, WRONG]
     access_tokens: list[str] = []
     refresh_tokens: list[str] = []
