@@ -133,8 +133,10 @@ class BearerAuth:
 
     def _remember(self, token: str, verified: _Verified) -> None:
         memo = self._memo
-        if token in memo:
+        if memo.get(token) is verified:
             return
-        if len(memo) >= self._memo_size:
+        # A token checked again after a key reload gets its entry replaced: the old one names a key object
+        # that is no longer in the map, and would send every later call to the RSA check.
+        if token not in memo and len(memo) >= self._memo_size:
             del memo[next(iter(memo))]
         memo[token] = verified

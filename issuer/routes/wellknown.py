@@ -26,7 +26,9 @@ async def jwks(request: Request) -> Response:
     svc = _services(request)
     document = svc.keys.ring.jwks(svc.clock())
     headers = {"Cache-Control": f"public, max-age={svc.keys.jwks_max_age(svc.settings)}", "ETag": document.etag}
-    if _etag_matches(request.headers.get("if-none-match"), document.etag):
+    # Every If-None-Match line counts (RFC 9110 section 5.3), as in the fast path below.
+    tags = request.headers.getlist("if-none-match")
+    if _etag_matches(", ".join(tags) if tags else None, document.etag):
         return Response(status_code=304, headers=headers)
     return Response(document.body, media_type="application/json", headers=headers)
 
