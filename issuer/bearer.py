@@ -40,6 +40,9 @@ class _Verified:
     claims: Mapping[str, Any]
     kid: str
     key: RSAKey
+    # The seconds ``now`` for which exp/nbf/iat pass, the only rules whose outcome changes with time.
+    valid_from: float
+    valid_until: float
 
 
 def bearer_token(request: Request) -> str:
@@ -83,6 +86,7 @@ class BearerAuth:
         self._keys = keys
         self._clock = clock
         self._metrics = metrics
+        self._settings = settings
         self._memo: dict[str, _Verified] = {}
         self._memo_size = memo_size
         # One registry for every call: it reads the clock itself, on each check.
@@ -119,22 +123,27 @@ class BearerAuth:
         keys = self._keys.ring.verification_key_map(now)
         known = self._memo.get(token)
         if known is not None and keys.get(known.kid) is known.key:
-            claims = known.claims
+            if known.valid_from <= int(now.timestamp()) < known.valid_until:
+                return known.claims  # every rule passed for these claims, and none has changed with time
+            claims, kid, key = known.claims, known.kid, known.key  # the full check names the failed rule
         else:
             parsed = parse_token(token)
             key = keys.get(parsed.kid) if parsed.kid is not None else None
             if parsed.kid is None or key is None:
                 raise UnknownKey()
-            claims = MappingProxyType(verify_signature(parsed, key))
-            known = _Verified(claims, parsed.kid, key)
+            claims, kid = MappingProxyType(verify_signature(parsed, key)), parsed.kid
         check_claims_with(claims, self._registry, REQUIRED_CLAIMS)  # type: ignore[arg-type]  # only reads
-        self._remember(token, known)
+        self._remember(token, _Verified(claims, kid, key, *self._time_window(claims)))
         return claims
+
+    def _time_window(self, claims: Mapping[str, Any]) -> tuple[float, float]:
+        """From the claims that just passed: exp > now - leeway, and nbf, iat <= now + leeway."""
+        leeway = self._settings.clock_leeway
+        starts = [claims[name] for name in ("nbf", "iat") if name in claims]
+        return max(starts) - leeway, claims["exp"] + leeway
 
     def _remember(self, token: str, verified: _Verified) -> None:
         memo = self._memo
-        if memo.get(token) is verified:
-            return
         # A token checked again after a key reload gets its entry replaced: the old one names a key object
         # that is no longer in the map, and would send every later call to the RSA check.
         if token not in memo and len(memo) >= self._memo_size:
