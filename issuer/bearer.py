@@ -63,10 +63,12 @@ class BearerAuth:
 
     Signatures: a client calls with the same access token many times, so the claims of a token whose
     signature checked out are kept, keyed by the exact token string, together with the key object that
-    checked it (as gateways such as Envoy's jwt_authn do). A later call with that very string skips only
-    the RSA operation, and only while that same key is still published: a revoked or gone key leaves the
-    verification map and takes its tokens' entries with it. ``exp``/``nbf``/``iat`` and every other claim
-    rule are checked again on every call. The memo is bounded (oldest entries leave first).
+    checked it (as gateways such as Envoy's jwt_authn do). A later call with that very string skips the
+    RSA operation only while that same key is still published: a revoked or gone key leaves the
+    verification map and takes its tokens' entries with it. Of the claim rules, only exp/nbf/iat can change
+    their outcome, and only with the clock, so the entry keeps the time window in which they hold; outside
+    it the full check runs again and names the rule that failed. The memo is bounded (oldest entries
+    leave first).
 
     The user and its tokenVersion are never cached: that read is what makes logout-all and account
     deletion take effect at once (``UserLookup`` batches concurrent reads without weakening that).
