@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -17,20 +16,33 @@ JWKS_PATH = "/.well-known/jwks.json"
 METADATA_PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration")
 METADATA_CACHE_CONTROL = "public, max-age=3600"
 
-
-def _services(request: Request) -> Services:
-    return request.app.state.services
+Headers = tuple[tuple[bytes, bytes], ...]
 
 
-async def jwks(request: Request) -> Response:
-    svc = _services(request)
-    document = svc.keys.ring.jwks(svc.clock())
-    headers = {"Cache-Control": f"public, max-age={svc.keys.jwks_max_age(svc.settings)}", "ETag": document.etag}
-    # Every If-None-Match line counts (RFC 9110 section 5.3), as in the fast path below.
-    tags = request.headers.getlist("if-none-match")
-    if _etag_matches(", ".join(tags) if tags else None, document.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(document.body, media_type="application/json", headers=headers)
+async def send_document(path: str, services: Services, metadata: bytes, scope: Scope, send: Send) -> None:
+    """Answer GET or HEAD of one well-known document: the one implementation, for the routes and the
+    fast path alike. The JWKS gets an ETag and a 304 on a matching If-None-Match."""
+    if path != JWKS_PATH:
+        await _respond(send, scope, 200, metadata, _metadata_headers(metadata))
+        return
+    document = services.keys.ring.jwks(services.clock())
+    full, not_modified = _jwks_headers(document, services.keys.jwks_max_age(services.settings))
+    if _etag_matches(_if_none_match(scope), document.etag):
+        await _respond(send, scope, 304, b"", not_modified)
+    else:
+        await _respond(send, scope, 200, document.body, full)
+
+
+@functools.lru_cache(maxsize=16)
+def _jwks_headers(document: JwksDocument, max_age: int) -> tuple[Headers, Headers]:
+    """The 200 and 304 header lines of one key set, built once per key set."""
+    cache_control, etag = f"public, max-age={max_age}".encode(), document.etag.encode()
+    return _headers(document.body, cache_control, etag), ((b"cache-control", cache_control), (b"etag", etag))
+
+
+@functools.lru_cache(maxsize=4)
+def _metadata_headers(body: bytes) -> Headers:
+    return _headers(body, METADATA_CACHE_CONTROL.encode())
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:
@@ -59,74 +71,53 @@ def metadata_document(settings: Settings) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-async def metadata(request: Request) -> Response:
-    body: bytes = request.app.state.metadata
-    return Response(body, media_type="application/json", headers={"Cache-Control": METADATA_CACHE_CONTROL})
+class _RoutedDocument:
+    """The routes' endpoint (an ASGI app, so the router adds no Request or Response around it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
+        await send_document(self.path, state.services, state.metadata, scope, send)
 
 
-routes = [
-    Route(JWKS_PATH, jwks, methods=["GET"]),
-    *(Route(path, metadata, methods=["GET"]) for path in METADATA_PATHS),
-]
+routes = [Route(path, _RoutedDocument(path), methods=["GET"]) for path in (JWKS_PATH, *METADATA_PATHS)]
 _ROUTES = {route.path: route for route in routes}
-
-Headers = list[tuple[bytes, bytes]]
 
 
 class WellKnownDocuments:
-    """GET and HEAD of the JWKS and the metadata, answered from pre-rendered bytes ahead of the router.
+    """GET and HEAD of the JWKS and the metadata, answered ahead of the router.
 
     The JWKS is the issuer's most requested document: every gateway and resource service fetches it, and
-    a 304 costs as much as a 200 here. This layer answers exactly what the routes above answer (status,
-    headers, body, ETag and 304), but with the body and headers built once per key set instead of a
-    request object, a router pass and a response object per call. The routes stay the definition and
-    still answer everything else (other methods get their 405 there). It runs inside the middleware that
-    adds the security headers and records latency, and inside CORS, so those apply as for every route.
+    a 304 costs as much as a 200 here. This layer sends the routes' own answer (``send_document``) without
+    the router pass and the exception layers in front of it; the routes still answer everything else
+    (other methods get their 405 there). It runs inside the middleware that adds the security headers and
+    records latency, and inside CORS, so those apply as for every route.
     """
 
     def __init__(self, app: ASGIApp, services: Services, metadata: bytes) -> None:
         self.app = app
         self.services = services
-        max_age = services.keys.jwks_max_age(services.settings)
-        self._jwks_cache_control = f"public, max-age={max_age}".encode()
-        self._jwks: tuple[JwksDocument, Headers, Headers] | None = None
-        self._metadata = (metadata, _headers(metadata, METADATA_CACHE_CONTROL.encode()))
+        self.metadata = metadata
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            path = scope["path"]
-            if path == JWKS_PATH:
-                scope["route"] = _ROUTES[path]  # the latency label, as if the router had matched it
-                await self._send_jwks(scope, send)
-                return
-            if path in METADATA_PATHS:
-                scope["route"] = _ROUTES[path]
-                await _respond(send, scope, 200, *self._metadata)
+            route = _ROUTES.get(scope["path"])
+            if route is not None:
+                scope["route"] = route  # the latency label, as if the router had matched it
+                await send_document(route.path, self.services, self.metadata, scope, send)
                 return
         await self.app(scope, receive, send)
 
-    async def _send_jwks(self, scope: Scope, send: Send) -> None:
-        svc = self.services
-        document = svc.keys.ring.jwks(svc.clock())
-        if self._jwks is None or self._jwks[0] is not document:
-            etag = document.etag.encode()
-            full = _headers(document.body, self._jwks_cache_control, etag)
-            not_modified = [(b"cache-control", self._jwks_cache_control), (b"etag", etag)]
-            self._jwks = (document, full, not_modified)
-        _, full, not_modified = self._jwks
-        if _etag_matches(_if_none_match(scope), document.etag):
-            await _respond(send, scope, 304, b"", not_modified)
-        else:
-            await _respond(send, scope, 200, document.body, full)
-
 
 def _headers(body: bytes, cache_control: bytes, etag: bytes | None = None) -> Headers:
-    headers = [
+    headers = (
         (b"content-length", str(len(body)).encode()),
         (b"content-type", b"application/json"),
         (b"cache-control", cache_control),
-    ]
-    return headers if etag is None else [*headers, (b"etag", etag)]
+    )
+    return headers if etag is None else (*headers, (b"etag", etag))
 
 
 def _if_none_match(scope: Scope) -> str | None:
