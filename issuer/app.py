@@ -33,6 +33,7 @@ from issuer.errors import (
 )
 from issuer.hotpath import DatabaseUnavailable
 from issuer.routes import auth, health, wellknown
+from issuer.routing import StaticPathRouter
 from issuer.services import Services
 from issuer.settings import Settings
 
@@ -74,7 +75,6 @@ def create_app(
             await services.engine.dispose()
 
     app = Starlette(
-        routes=[*auth.routes, *wellknown.routes, *health.routes],
         exception_handlers={
             IssuerError: render_error,
             HTTPException: _http_exception,
@@ -85,8 +85,9 @@ def create_app(
             TimeoutError: _database_down,
             500: _server_error,
         },
-        lifespan=lifespan,
     )
+    # Starlette's constructor builds a plain Router; ours finds fixed paths by lookup (see issuer.routing).
+    app.router = StaticPathRouter([*auth.routes, *wellknown.routes, *health.routes], lifespan=lifespan)
     app.state.services = services
     app.state.metadata = wellknown.metadata_document(settings)
     # Innermost first: the well-known documents are answered inside CORS and the security headers.
