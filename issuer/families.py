@@ -74,7 +74,7 @@ class RefreshFamilies:
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
 
     async def start(self, user: User, *, now: datetime, user_agent: str | None, ip: str | None) -> IssuedRefresh:
-        """Create a family (a session) and its first token, in one transaction."""
+        """Create a family (a session) and its first token, all or nothing (one statement on PostgreSQL)."""
         token = new_refresh_token()
         family_expires = now + self._policy.session_max_age
         token_expires = min(now + self._policy.refresh_ttl, family_expires)
@@ -90,9 +90,12 @@ class RefreshFamilies:
             revoked_at=None,
             revoked_reason=None,
         )
-        async with self._engine.begin() as conn:
-            await store.insert_family(conn, family)
-            await store.insert_token(conn, token_hash(token), family.id, now, token_expires)
+        if self._hot is not None:
+            await hotpath.start_family(self._hot, family, token_hash(token))
+        else:
+            async with self._engine.begin() as conn:
+                await store.insert_family(conn, family)
+                await store.insert_token(conn, token_hash(token), family.id, now, token_expires)
         return IssuedRefresh(token, family.id, token_expires)
 
     async def rotate(

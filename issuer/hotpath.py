@@ -22,7 +22,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT, POOL_TIMEOUT
-from issuer.store import User
+from issuer.store import Family, User
 
 # The rotation in one statement. ``consumed`` is the race arbiter: under READ COMMITTED, of N concurrent
 # callers with one token the row lock lets exactly one see ``consumed_at IS NULL``; the others re-check
@@ -61,6 +61,46 @@ JOIN users AS u ON u.id = touched.user_id
 
 # Every user in ``$1`` in one statement: concurrent bearer calls share one lookup (``user_lookup``).
 USERS_BY_ID_SQL = "SELECT id, email, password_hash, role, token_version FROM users WHERE id = ANY($1::text[])"
+
+# Login, one statement per step (the rules are in ``lockout``, ``accounts`` and ``families``).
+
+# Count a login attempt unless the email is locked, and set the lock that the new count calls for, in one
+# upsert: concurrent attempts on one email (from any replica) queue on its row lock, and each sees the
+# lock set by the one before. While locked the WHERE matches nothing and no row comes back. The lock
+# lengths come from ``LockoutPolicy.lock_seconds()``, indexed by the failures over the threshold (its last
+# entry holds beyond). Parameters: $1 email, $2 now, $3 now - window, $4 threshold, $5 lock seconds.
+_COUNTED = "(CASE WHEN lf.last_failure_at < $3 THEN 1 ELSE lf.failures + 1 END)"  # the stored row's new count
+
+
+def _lock_after(failures: str) -> str:
+    """SQL for the lock that ``failures`` calls for (NULL below the threshold), from the policy's table."""
+    over = f"LEAST({failures} - $4, cardinality($5::float8[]) - 1)"
+    return f"CASE WHEN {failures} >= $4 THEN $2::timestamptz + make_interval(secs => ($5::float8[])[{over} + 1]) END"
+
+
+LOGIN_ATTEMPT_SQL = f"""
+INSERT INTO login_failures AS lf (email, failures, last_failure_at, locked_until)
+VALUES ($1, 1, $2, {_lock_after("1")})
+ON CONFLICT (email) DO UPDATE
+SET failures = {_COUNTED}, last_failure_at = $2, locked_until = {_lock_after(_COUNTED)}
+WHERE lf.locked_until IS NULL OR lf.locked_until <= $2
+RETURNING lf.failures
+"""  # noqa: S608 (built from the constant fragments above; every value is a $n parameter)
+LOCKED_UNTIL_SQL = "SELECT locked_until FROM login_failures WHERE email = $1"
+CLEAR_FAILURES_SQL = "DELETE FROM login_failures WHERE email = $1"
+USER_BY_EMAIL_SQL = "SELECT id, email, password_hash, role, token_version FROM users WHERE email = $1"
+
+# A new family and its first token, issued when the family is created and expiring at its idle expiry.
+# The family row is inserted inside WITH, so the token's foreign key holds when it is checked at the end
+# of the statement. Parameters: the family's columns in table order ($1 to $8), then the token's hash.
+START_FAMILY_SQL = """
+WITH family AS (
+    INSERT INTO refresh_families (id, user_id, created_at, last_used_at, expires_at, idle_expires_at, user_agent, ip)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+)
+INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at, consumed_at)
+VALUES ($9, $1, $3, $6, NULL)
+"""
 
 
 class DatabaseUnavailable(Exception):
@@ -192,3 +232,42 @@ async def rotate(
 async def users_by_id(pool: HotPool, user_ids: list[str]) -> dict[str, User]:
     rows = await pool.fetch(USERS_BY_ID_SQL, user_ids, idempotent=True)
     return {row[0]: User(row[0], row[1], row[2], row[3], row[4]) for row in rows}
+
+
+async def count_login_attempt(
+    pool: HotPool, email: str, now: datetime, window_start: datetime, threshold: int, lock_seconds: list[float]
+) -> int | None:
+    """The email's failures with this attempt counted, or None while it is locked (nothing counted)."""
+    row = await pool.fetch_one(LOGIN_ATTEMPT_SQL, email, now, window_start, threshold, lock_seconds, idempotent=False)
+    return None if row is None else int(row[0])
+
+
+async def locked_until(pool: HotPool, email: str) -> datetime | None:
+    row = await pool.fetch_one(LOCKED_UNTIL_SQL, email, idempotent=True)
+    return None if row is None else row[0]
+
+
+async def clear_login_failures(pool: HotPool, email: str) -> None:
+    await pool.fetch(CLEAR_FAILURES_SQL, email, idempotent=True)
+
+
+async def user_by_email(pool: HotPool, email: str) -> User | None:
+    row = await pool.fetch_one(USER_BY_EMAIL_SQL, email, idempotent=True)
+    return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
+
+
+async def start_family(pool: HotPool, family: Family, token_hash: bytes) -> None:
+    """Insert the family and its first token in one statement."""
+    await pool.fetch(
+        START_FAMILY_SQL,
+        family.id,
+        family.user_id,
+        family.created_at,
+        family.last_used_at,
+        family.expires_at,
+        family.idle_expires_at,
+        family.user_agent,
+        family.ip,
+        token_hash,
+        idempotent=False,
+    )

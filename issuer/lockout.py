@@ -20,8 +20,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from issuer import hotpath
 from issuer.db import login_failures, upsert_insert
 from issuer.errors import TooManyRequests
+from issuer.hotpath import HotPool
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,27 @@ class LockoutPolicy:
             return None
         return min(self.max_lock, self.base_lock * (2 ** min(over, 30)))
 
+    def lock_seconds(self) -> list[float]:
+        """``lock_for`` as a table, for SQL: entry i is the lock at threshold + i failures; the last entry
+        holds for every count beyond it. Empty when the lock-out is off."""
+        if not self.enabled:
+            return []
+        table: list[float] = []
+        for over in range(31):
+            lock = self.lock_for(self.threshold + over)
+            assert lock is not None
+            table.append(lock.total_seconds())
+            if lock >= self.max_lock:
+                break
+        return table
+
 
 class LoginLockout:
-    def __init__(self, engine: AsyncEngine, policy: LockoutPolicy) -> None:
+    def __init__(self, engine: AsyncEngine, policy: LockoutPolicy, hot: HotPool | None = None) -> None:
         self._engine = engine
         self._policy = policy
+        self._hot = hot
+        self._lock_seconds = policy.lock_seconds()
 
     @property
     def policy(self) -> LockoutPolicy:
@@ -55,6 +73,9 @@ class LoginLockout:
     async def begin_attempt(self, email: str, now: datetime) -> None:
         """Count a login attempt as a failure, or raise TooManyRequests (counting nothing) while locked."""
         if not self._policy.enabled:
+            return
+        if self._hot is not None:
+            await self._begin_attempt_hot(self._hot, email, now)
             return
         # One upsert checks the lock and counts the attempt atomically: the row lock serializes concurrent
         # attempts from every replica. While locked its WHERE matches nothing, so nothing is returned.
@@ -80,8 +101,21 @@ class LoginLockout:
             if lock is not None:
                 await conn.execute(update(table).where(table.c.email == email).values(locked_until=now + lock))
 
+    async def _begin_attempt_hot(self, hot: HotPool, email: str, now: datetime) -> None:
+        """The same on PostgreSQL in one statement, which also sets the lock (``hotpath.LOGIN_ATTEMPT_SQL``)."""
+        window_start = now - self._policy.window
+        threshold = self._policy.threshold
+        if await hotpath.count_login_attempt(hot, email, now, window_start, threshold, self._lock_seconds) is None:
+            until = await hotpath.locked_until(hot, email)
+            # None: a successful login cleared the row in between; the caller may simply try again.
+            retry = 1 if until is None else max(1, math.ceil((until - now).total_seconds()))
+            raise TooManyRequests(retry, "Too many failed logins for this account; try again later.")
+
     async def record_success(self, email: str) -> None:
         if not self._policy.enabled:
+            return
+        if self._hot is not None:
+            await hotpath.clear_login_failures(self._hot, email)
             return
         async with self._engine.begin() as conn:
             await conn.execute(delete(login_failures).where(login_failures.c.email == email))

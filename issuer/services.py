@@ -70,10 +70,10 @@ class Services:
             metrics=metrics,
             keys=keys,
             passwords=passwords,
-            accounts=Accounts(engine, passwords),
+            accounts=Accounts(engine, passwords, hot),
             families=RefreshFamilies(engine, policy, successor_secret(settings), hot),
             bearer=BearerAuth(UserLookup(_users_fetch(engine, hot)), keys, settings, clock, metrics),
-            lockout=LoginLockout(engine, LockoutPolicy(threshold=settings.login_lockout_threshold)),
+            lockout=LoginLockout(engine, LockoutPolicy(threshold=settings.login_lockout_threshold), hot),
             ip_limiter=IpRateLimiter(settings.rate_limit_per_ip, monotonic),
             account_ip_limiter=SharedRateLimiter(engine, settings.rate_limit_per_ip, "login+register"),
         )

@@ -96,9 +96,23 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 async def counted(
     settings: Settings, clock: FakeClock, pg_url: str
 ) -> AsyncIterator[tuple[IssuerHarness, CountingProxy]]:
+    async with _counting_issuer(settings, clock) as counting:
+        yield counting
+
+
+@pytest.fixture
+async def counted_with_lockout(
+    settings: Settings, clock: FakeClock, pg_url: str
+) -> AsyncIterator[tuple[IssuerHarness, CountingProxy]]:
+    async with _counting_issuer(with_settings(settings, login_lockout_threshold=5), clock) as counting:
+        yield counting
+
+
+@contextlib.asynccontextmanager
+async def _counting_issuer(settings: Settings, clock: FakeClock) -> AsyncIterator[tuple[IssuerHarness, CountingProxy]]:
     proxy = CountingProxy()
     port = await proxy.start()
-    url = make_url(pg_url).set(host="127.0.0.1", port=port).update_query_dict({"ssl": "disable"})
+    url = make_url(settings.database_url).set(host="127.0.0.1", port=port).update_query_dict({"ssl": "disable"})
     proxied = with_settings(settings, database_url=url.render_as_string(hide_password=False))
     # One pooled connection, so the statement cache warmed by the first requests serves all the others.
     engine = create_engine(proxied.database_url, pool_size=1, max_overflow=0)
@@ -153,6 +167,25 @@ async def test_me_is_one_round_trip(counted: tuple[IssuerHarness, CountingProxy]
         for _ in range(10):
             assert (await client.get("/auth/me", headers=bearer(access))).status_code == 200
         assert proxy.round_trips - before == 10
+
+
+async def test_login_is_four_statements_without_a_transaction(
+    counted_with_lockout: tuple[IssuerHarness, CountingProxy],
+) -> None:
+    """Count the attempt (lock-out), read the user, clear the count, start the family: one round trip each."""
+    harness, proxy = counted_with_lockout
+    async with harness.client() as client:
+        await register(client)
+        for _ in range(2):  # the first use of each statement on the connection prepares it
+            await login(client)
+        before, simple = proxy.round_trips, proxy.sent["Q"]
+        for _ in range(5):
+            await login(client)
+        assert proxy.round_trips - before == 5 * 4
+        wrong = await client.post("/auth/login", json={"email": "alice@example.com", "password": "not the password"})
+        assert wrong.status_code == 401
+        assert proxy.round_trips - before == 5 * 4 + 2  # the attempt and the user; nothing is cleared
+        assert proxy.sent["Q"] == simple, "a BEGIN/COMMIT (simple-protocol query) on the login path"
 
 
 async def test_the_counter_sees_transactions(counted: tuple[IssuerHarness, CountingProxy]) -> None:

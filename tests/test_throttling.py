@@ -356,6 +356,18 @@ def test_lockout_policy_unit() -> None:
     assert not LockoutPolicy(threshold=0).enabled
 
 
+@pytest.mark.parametrize(("base", "cap"), [(1, 60), (1, 900), (3, 7), (5, 5), (1, 10**12)])
+def test_lock_table_for_sql_is_lock_for(base: int, cap: int) -> None:
+    """PostgreSQL reads the lock lengths from this table; its last entry stands for every count beyond."""
+    policy = LockoutPolicy(threshold=4, base_lock=timedelta(seconds=base), max_lock=timedelta(seconds=cap))
+    table = policy.lock_seconds()
+    for failures in range(4, 4 + 80):
+        expected = policy.lock_for(failures)
+        assert expected is not None
+        assert table[min(failures - 4, len(table) - 1)] == expected.total_seconds()
+    assert LockoutPolicy(threshold=0).lock_seconds() == []
+
+
 async def test_lockout_disabled_never_locks(client: httpx.AsyncClient, issuer: IssuerHarness) -> None:
     await register(client)
     for i in range(30):
