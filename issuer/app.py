@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +45,11 @@ SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy"
 
 
 def create_app(
-    settings: Settings | None = None, *, clock: Clock = system_clock, services: Services | None = None
+    settings: Settings | None = None,
+    *,
+    clock: Clock = system_clock,
+    services: Services | None = None,
+    freeze_startup_heap: bool = False,
 ) -> Starlette:
     settings = settings or Settings.from_environ()
     services = services or Services.build(settings, clock)
@@ -62,6 +67,8 @@ def create_app(
             services.keys.start_background()
             if settings.cleanup_interval > 0:
                 cleaner = asyncio.create_task(_clean_periodically(services), name="issuer-cleanup")
+            if freeze_startup_heap:
+                _freeze_startup_heap()
             yield
         finally:
             if cleaner is not None:
@@ -106,6 +113,24 @@ def create_app(
         )
     app.add_middleware(ResponseHeaders, services=services)
     return app
+
+
+def create_served_app() -> Starlette:
+    """The app as ``issuer serve`` runs it (uvicorn's factory, in each worker)."""
+    return create_app(freeze_startup_heap=True)
+
+
+def _freeze_startup_heap() -> None:
+    """Keep what start-up built (modules, tables, keys: about 80,000 objects) out of every later collection.
+
+    Under load, request objects with reference cycles (uvicorn's, asyncio's) keep the collector busy, and
+    each full collection walked that whole heap: about 27 ms with the event loop stopped, every few
+    seconds. It set the p99 of /auth/me at about 30 ms for a 2 ms median and took 10-15% of its
+    throughput. The frozen objects live as long as the process anyway. Not done for apps built by tests,
+    which would keep every earlier app's garbage for the rest of the session.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class JsonCORSMiddleware(CORSMiddleware):

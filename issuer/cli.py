@@ -159,7 +159,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     _run(lambda: _preflight(settings))
     print(f"issuer: listening on http://{args.host}:{args.port} (iss {settings.issuer_url})", flush=True)
     uvicorn.run(
-        "issuer.app:create_app",
+        "issuer.app:create_served_app",
         factory=True,
         host=args.host,
         port=args.port,
