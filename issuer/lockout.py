@@ -95,8 +95,7 @@ class LoginLockout:
                 locked_until = (
                     await conn.execute(select(table.c.locked_until).where(table.c.email == email))
                 ).scalar_one()
-                retry = math.ceil((locked_until - now).total_seconds())
-                raise TooManyRequests(retry, "Too many failed logins for this account; try again later.")
+                raise _locked(locked_until, now)
             lock = self._policy.lock_for(failures)
             if lock is not None:
                 await conn.execute(update(table).where(table.c.email == email).values(locked_until=now + lock))
@@ -106,10 +105,8 @@ class LoginLockout:
         window_start = now - self._policy.window
         threshold = self._policy.threshold
         if await hotpath.count_login_attempt(hot, email, now, window_start, threshold, self._lock_seconds) is None:
-            until = await hotpath.locked_until(hot, email)
-            # None: a successful login cleared the row in between; the caller may simply try again.
-            retry = 1 if until is None else max(1, math.ceil((until - now).total_seconds()))
-            raise TooManyRequests(retry, "Too many failed logins for this account; try again later.")
+            # A separate statement: a successful login may have cleared the row in between (None).
+            raise _locked(await hotpath.locked_until(hot, email), now)
 
     async def record_success(self, email: str) -> None:
         if not self._policy.enabled:
@@ -119,3 +116,9 @@ class LoginLockout:
             return
         async with self._engine.begin() as conn:
             await conn.execute(delete(login_failures).where(login_failures.c.email == email))
+
+
+def _locked(until: datetime | None, now: datetime) -> TooManyRequests:
+    """The 429 for a locked email; with no lock left (cleared meanwhile) the caller may retry in a second."""
+    retry = 1 if until is None else max(1, math.ceil((until - now).total_seconds()))
+    return TooManyRequests(retry, "Too many failed logins for this account; try again later.")
