@@ -8,9 +8,8 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer import hotpath, store
+from issuer import store
 from issuer.errors import EmailTaken, InvalidCredentials, InvalidRequest, WrongPassword
-from issuer.hotpath import HotPool
 from issuer.passwords import Passwords
 from issuer.store import User
 
@@ -56,10 +55,9 @@ def check_password_shape(value: object, *, new: bool) -> str:
 
 
 class Accounts:
-    def __init__(self, engine: AsyncEngine, passwords: Passwords, hot: HotPool | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, passwords: Passwords) -> None:
         self._engine = engine
         self._passwords = passwords
-        self._hot = hot
 
     async def register(self, email: str, password: str, *, now: datetime) -> User:
         async with self._engine.connect() as conn:
@@ -81,11 +79,13 @@ class Accounts:
 
     async def authenticate(self, email: str, password: str) -> User:
         """The user for these credentials, or InvalidCredentials after the same work either way."""
-        if self._hot is not None:
-            user = await hotpath.user_by_email(self._hot, email)
-        else:
-            async with self._engine.connect() as conn:
-                user = await store.user_by_email(conn, email)
+        async with self._engine.connect() as conn:
+            user = await store.user_by_email(conn, email)
+        return await self.check_password(user, password)
+
+    async def check_password(self, user: User | None, password: str) -> User:
+        """``user`` if ``password`` is theirs; else InvalidCredentials, after a full hash for None (no such
+        account) too."""
         ok = await self._passwords.verify(None if user is None else user.password_hash, password)
         if user is None or not ok:
             raise InvalidCredentials()

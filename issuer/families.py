@@ -73,8 +73,10 @@ class RefreshFamilies:
         mac = hmac.new(self._secret, b"refresh-successor\x00" + token.encode("ascii"), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
 
-    async def start(self, user: User, *, now: datetime, user_agent: str | None, ip: str | None) -> IssuedRefresh:
-        """Create a family (a session) and its first token, all or nothing (one statement on PostgreSQL)."""
+    def new_family(
+        self, user: User, *, now: datetime, user_agent: str | None, ip: str | None
+    ) -> tuple[Family, IssuedRefresh]:
+        """A family (a session) for a login at ``now`` and its first token, not yet stored."""
         token = new_refresh_token()
         family_expires = now + self._policy.session_max_age
         token_expires = min(now + self._policy.refresh_ttl, family_expires)
@@ -90,13 +92,16 @@ class RefreshFamilies:
             revoked_at=None,
             revoked_reason=None,
         )
-        if self._hot is not None:
-            await hotpath.start_family(self._hot, family, token_hash(token))
-        else:
-            async with self._engine.begin() as conn:
-                await store.insert_family(conn, family)
-                await store.insert_token(conn, token_hash(token), family.id, now, token_expires)
-        return IssuedRefresh(token, family.id, token_expires)
+        return family, IssuedRefresh(token, family.id, token_expires)
+
+    async def start(self, user: User, *, now: datetime, user_agent: str | None, ip: str | None) -> IssuedRefresh:
+        """Create a family and its first token in one transaction (on PostgreSQL a login stores them in its
+        own last statement instead: ``login``)."""
+        family, issued = self.new_family(user, now=now, user_agent=user_agent, ip=ip)
+        async with self._engine.begin() as conn:
+            await store.insert_family(conn, family)
+            await store.insert_token(conn, token_hash(issued.token), family.id, now, issued.expires_at)
+        return issued
 
     async def rotate(
         self, presented: str, *, now: datetime, ip: str | None = None, user_agent: str | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -62,13 +63,14 @@ JOIN users AS u ON u.id = touched.user_id
 # Every user in ``$1`` in one statement: concurrent bearer calls share one lookup (``user_lookup``).
 USERS_BY_ID_SQL = "SELECT id, email, password_hash, role, token_version FROM users WHERE id = ANY($1::text[])"
 
-# Login, one statement per step (the rules are in ``lockout``, ``accounts`` and ``families``).
-
-# Count a login attempt unless the email is locked, and set the lock that the new count calls for, in one
-# upsert: concurrent attempts on one email (from any replica) queue on its row lock, and each sees the
-# lock set by the one before. While locked the WHERE matches nothing and no row comes back. The lock
-# lengths come from ``LockoutPolicy.lock_seconds()``, indexed by the failures over the threshold (its last
-# entry holds beyond). Parameters: $1 email, $2 now, $3 now - window, $4 threshold, $5 lock seconds.
+# Login in two statements (the rules are in ``lockout``, ``accounts`` and ``families``; ``login`` orders
+# them): ``BEGIN_LOGIN_SQL`` before the password check, ``FINISH_LOGIN_SQL`` after a success.
+#
+# ``attempt`` counts a login attempt unless the email is locked, and sets the lock that the new count calls
+# for, in one upsert: concurrent attempts on one email (from any replica) queue on its row lock, and each
+# sees the lock set by the one before. While locked the WHERE matches nothing and no row comes back. The
+# lock lengths come from ``LockoutPolicy.lock_seconds()``, indexed by the failures over the threshold (its
+# last entry holds beyond). Parameters: $1 email, $2 now, $3 now - window, $4 threshold, $5 lock seconds.
 _COUNTED = "(CASE WHEN lf.last_failure_at < $3 THEN 1 ELSE lf.failures + 1 END)"  # the stored row's new count
 
 
@@ -78,17 +80,23 @@ def _lock_after(failures: str) -> str:
     return f"CASE WHEN {failures} >= $4 THEN $2::timestamptz + make_interval(secs => ($5::float8[])[{over} + 1]) END"
 
 
-LOGIN_ATTEMPT_SQL = f"""
-INSERT INTO login_failures AS lf (email, failures, last_failure_at, locked_until)
-VALUES ($1, 1, $2, {_lock_after("1")})
-ON CONFLICT (email) DO UPDATE
-SET failures = {_COUNTED}, last_failure_at = $2, locked_until = {_lock_after(_COUNTED)}
-WHERE lf.locked_until IS NULL OR lf.locked_until <= $2
-RETURNING lf.failures
+_USER_COLUMNS = "u.id, u.email, u.password_hash, u.role, u.token_version"
+# The outer SELECT always yields one row: the attempt's new count (NULL while locked) and the account (NULL
+# columns for an unknown email). A data-modifying WITH runs exactly once, however the query reads it.
+BEGIN_LOGIN_SQL = f"""
+WITH attempt AS (
+    INSERT INTO login_failures AS lf (email, failures, last_failure_at, locked_until)
+    VALUES ($1, 1, $2, {_lock_after("1")})
+    ON CONFLICT (email) DO UPDATE
+    SET failures = {_COUNTED}, last_failure_at = $2, locked_until = {_lock_after(_COUNTED)}
+    WHERE lf.locked_until IS NULL OR lf.locked_until <= $2
+    RETURNING lf.failures
+)
+SELECT (SELECT failures FROM attempt), {_USER_COLUMNS}
+FROM (VALUES (1)) AS one LEFT JOIN users AS u ON u.email = $1
 """  # noqa: S608 (built from the constant fragments above; every value is a $n parameter)
-LOCKED_UNTIL_SQL = "SELECT locked_until FROM login_failures WHERE email = $1"
-CLEAR_FAILURES_SQL = "DELETE FROM login_failures WHERE email = $1"
-USER_BY_EMAIL_SQL = "SELECT id, email, password_hash, role, token_version FROM users WHERE email = $1"
+# The same with the lock-out off: only the account (NULL columns for an unknown email).
+READ_LOGIN_SQL = f"SELECT NULL, {_USER_COLUMNS} FROM (VALUES (1)) AS one LEFT JOIN users AS u ON u.email = $1"  # noqa: S608
 
 # A new family and its first token, issued when the family is created and expiring at its idle expiry.
 # The family row is inserted inside WITH, so the token's foreign key holds when it is checked at the end
@@ -101,6 +109,11 @@ WITH family AS (
 INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at, consumed_at)
 VALUES ($9, $1, $3, $6, NULL)
 """
+# After a success with the lock-out on: the same, and the attempt's count cleared ($10, the email), in one
+# commit.
+FINISH_LOGIN_SQL = START_FAMILY_SQL.replace(
+    "WITH family AS", "WITH cleared AS (DELETE FROM login_failures WHERE email = $10), family AS", 1
+)
 
 
 class DatabaseUnavailable(Exception):
@@ -234,32 +247,35 @@ async def users_by_id(pool: HotPool, user_ids: list[str]) -> dict[str, User]:
     return {row[0]: User(row[0], row[1], row[2], row[3], row[4]) for row in rows}
 
 
-async def count_login_attempt(
-    pool: HotPool, email: str, now: datetime, window_start: datetime, threshold: int, lock_seconds: list[float]
-) -> int | None:
-    """The email's failures with this attempt counted, or None while it is locked (nothing counted)."""
-    row = await pool.fetch_one(LOGIN_ATTEMPT_SQL, email, now, window_start, threshold, lock_seconds, idempotent=False)
-    return None if row is None else int(row[0])
+@dataclass(frozen=True)
+class Attempt:
+    """A login attempt as the lock-out counts it (the parameters of ``BEGIN_LOGIN_SQL``)."""
+
+    now: datetime
+    window_start: datetime
+    threshold: int
+    lock_seconds: list[float]
 
 
-async def locked_until(pool: HotPool, email: str) -> datetime | None:
-    row = await pool.fetch_one(LOCKED_UNTIL_SQL, email, idempotent=True)
-    return None if row is None else row[0]
+async def begin_login(pool: HotPool, email: str, attempt: Attempt | None) -> tuple[bool, User | None]:
+    """Count the attempt (when the lock-out is on) and read the account: ``(locked, user or None)``.
+
+    While the email is locked nothing is counted and ``locked`` is True; the caller refuses the attempt
+    without looking at the account."""
+    if attempt is None:
+        (row,) = await pool.fetch(READ_LOGIN_SQL, email, idempotent=True)
+        locked = False
+    else:
+        args = (attempt.now, attempt.window_start, attempt.threshold, attempt.lock_seconds)
+        (row,) = await pool.fetch(BEGIN_LOGIN_SQL, email, *args, idempotent=False)
+        locked = row[0] is None
+    user = None if row[1] is None else User(row[1], row[2], row[3], row[4], row[5])
+    return locked, user
 
 
-async def clear_login_failures(pool: HotPool, email: str) -> None:
-    await pool.fetch(CLEAR_FAILURES_SQL, email, idempotent=True)
-
-
-async def user_by_email(pool: HotPool, email: str) -> User | None:
-    row = await pool.fetch_one(USER_BY_EMAIL_SQL, email, idempotent=True)
-    return None if row is None else User(row[0], row[1], row[2], row[3], row[4])
-
-
-async def start_family(pool: HotPool, family: Family, token_hash: bytes) -> None:
-    """Insert the family and its first token in one statement."""
-    await pool.fetch(
-        START_FAMILY_SQL,
+async def finish_login(pool: HotPool, family: Family, token_hash: bytes, *, clear_failures_of: str | None) -> None:
+    """Insert the family and its first token and, when given an email, clear its failures: one statement."""
+    args = (
         family.id,
         family.user_id,
         family.created_at,
@@ -269,5 +285,8 @@ async def start_family(pool: HotPool, family: Family, token_hash: bytes) -> None
         family.user_agent,
         family.ip,
         token_hash,
-        idempotent=False,
     )
+    if clear_failures_of is None:
+        await pool.fetch(START_FAMILY_SQL, *args, idempotent=False)
+    else:
+        await pool.fetch(FINISH_LOGIN_SQL, *args, clear_failures_of, idempotent=False)

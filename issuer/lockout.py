@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import case, delete, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from issuer import hotpath
 from issuer.db import login_failures, upsert_insert
 from issuer.errors import TooManyRequests
-from issuer.hotpath import HotPool
 
 
 @dataclass(frozen=True)
@@ -60,22 +59,27 @@ class LockoutPolicy:
 
 
 class LoginLockout:
-    def __init__(self, engine: AsyncEngine, policy: LockoutPolicy, hot: HotPool | None = None) -> None:
+    """The lock-out's steps one by one, in transactions (any database). On PostgreSQL the login counts and
+    clears inside its own two statements (``login``), with :meth:`attempt` as their parameters."""
+
+    def __init__(self, engine: AsyncEngine, policy: LockoutPolicy) -> None:
         self._engine = engine
         self._policy = policy
-        self._hot = hot
         self._lock_seconds = policy.lock_seconds()
 
     @property
     def policy(self) -> LockoutPolicy:
         return self._policy
 
+    def attempt(self, now: datetime) -> hotpath.Attempt | None:
+        """An attempt at ``now`` as ``hotpath.BEGIN_LOGIN_SQL`` counts it; None while the lock-out is off."""
+        if not self._policy.enabled:
+            return None
+        return hotpath.Attempt(now, now - self._policy.window, self._policy.threshold, self._lock_seconds)
+
     async def begin_attempt(self, email: str, now: datetime) -> None:
         """Count a login attempt as a failure, or raise TooManyRequests (counting nothing) while locked."""
         if not self._policy.enabled:
-            return
-        if self._hot is not None:
-            await self._begin_attempt_hot(self._hot, email, now)
             return
         # One upsert checks the lock and counts the attempt atomically: the row lock serializes concurrent
         # attempts from every replica. While locked its WHERE matches nothing, so nothing is returned.
@@ -92,30 +96,27 @@ class LoginLockout:
             ).returning(table.c.failures)
             failures = (await conn.execute(statement)).scalar_one_or_none()
             if failures is None:
-                locked_until = (
-                    await conn.execute(select(table.c.locked_until).where(table.c.email == email))
-                ).scalar_one()
-                raise _locked(locked_until, now)
+                raise _locked(await _locked_until(conn, email), now)
             lock = self._policy.lock_for(failures)
             if lock is not None:
                 await conn.execute(update(table).where(table.c.email == email).values(locked_until=now + lock))
 
-    async def _begin_attempt_hot(self, hot: HotPool, email: str, now: datetime) -> None:
-        """The same on PostgreSQL in one statement, which also sets the lock (``hotpath.LOGIN_ATTEMPT_SQL``)."""
-        window_start = now - self._policy.window
-        threshold = self._policy.threshold
-        if await hotpath.count_login_attempt(hot, email, now, window_start, threshold, self._lock_seconds) is None:
-            # A separate statement: a successful login may have cleared the row in between (None).
-            raise _locked(await hotpath.locked_until(hot, email), now)
+    async def refusal(self, email: str, now: datetime) -> TooManyRequests:
+        """The 429 for an attempt that ``hotpath.begin_login`` found locked (its lock read afterwards)."""
+        async with self._engine.connect() as conn:
+            return _locked(await _locked_until(conn, email), now)
 
     async def record_success(self, email: str) -> None:
         if not self._policy.enabled:
             return
-        if self._hot is not None:
-            await hotpath.clear_login_failures(self._hot, email)
-            return
         async with self._engine.begin() as conn:
             await conn.execute(delete(login_failures).where(login_failures.c.email == email))
+
+
+async def _locked_until(conn: AsyncConnection, email: str) -> datetime | None:
+    """The email's lock; None when its row is gone (a success on another request cleared it meanwhile)."""
+    row = (await conn.execute(select(login_failures.c.locked_until).where(login_failures.c.email == email))).first()
+    return None if row is None else row[0]
 
 
 def _locked(until: datetime | None, now: datetime) -> TooManyRequests:

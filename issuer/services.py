@@ -20,6 +20,7 @@ from issuer.families import FamilyPolicy, RefreshFamilies
 from issuer.hotpath import HotPool
 from issuer.key_manager import KeyManager
 from issuer.lockout import LockoutPolicy, LoginLockout
+from issuer.login import PasswordLogin
 from issuer.metrics import Metrics
 from issuer.passwords import Passwords
 from issuer.settings import Settings
@@ -41,6 +42,7 @@ class Services:
     families: RefreshFamilies
     bearer: BearerAuth
     lockout: LoginLockout
+    login: PasswordLogin
     ip_limiter: IpRateLimiter
     account_ip_limiter: SharedRateLimiter
 
@@ -62,6 +64,9 @@ class Services:
             session_max_age=timedelta(seconds=settings.session_max_age),
             reuse_grace=timedelta(seconds=settings.refresh_reuse_grace),
         )
+        accounts = Accounts(engine, passwords)
+        families = RefreshFamilies(engine, policy, successor_secret(settings), hot)
+        lockout = LoginLockout(engine, LockoutPolicy(threshold=settings.login_lockout_threshold))
         return cls(
             settings=settings,
             clock=clock,
@@ -70,10 +75,11 @@ class Services:
             metrics=metrics,
             keys=keys,
             passwords=passwords,
-            accounts=Accounts(engine, passwords, hot),
-            families=RefreshFamilies(engine, policy, successor_secret(settings), hot),
+            accounts=accounts,
+            families=families,
             bearer=BearerAuth(UserLookup(_users_fetch(engine, hot)), keys, settings, clock, metrics),
-            lockout=LoginLockout(engine, LockoutPolicy(threshold=settings.login_lockout_threshold), hot),
+            lockout=lockout,
+            login=PasswordLogin(lockout, accounts, families, hot, clock),
             ip_limiter=IpRateLimiter(settings.rate_limit_per_ip, monotonic),
             account_ip_limiter=SharedRateLimiter(engine, settings.rate_limit_per_ip, "login+register"),
         )

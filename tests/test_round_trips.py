@@ -169,10 +169,10 @@ async def test_me_is_one_round_trip(counted: tuple[IssuerHarness, CountingProxy]
         assert proxy.round_trips - before == 10
 
 
-async def test_login_is_four_statements_without_a_transaction(
+async def test_login_is_two_statements_without_a_transaction(
     counted_with_lockout: tuple[IssuerHarness, CountingProxy],
 ) -> None:
-    """Count the attempt (lock-out), read the user, clear the count, start the family: one round trip each."""
+    """Count the attempt and read the account; then start the family and clear the count: a round trip each."""
     harness, proxy = counted_with_lockout
     async with harness.client() as client:
         await register(client)
@@ -181,11 +181,30 @@ async def test_login_is_four_statements_without_a_transaction(
         before, simple = proxy.round_trips, proxy.sent["Q"]
         for _ in range(5):
             await login(client)
-        assert proxy.round_trips - before == 5 * 4
+        assert proxy.round_trips - before == 5 * 2
         wrong = await client.post("/auth/login", json={"email": "alice@example.com", "password": "not the password"})
         assert wrong.status_code == 401
-        assert proxy.round_trips - before == 5 * 4 + 2  # the attempt and the user; nothing is cleared
+        assert proxy.round_trips - before == 5 * 2 + 1  # the attempt with the account; nothing is cleared
         assert proxy.sent["Q"] == simple, "a BEGIN/COMMIT (simple-protocol query) on the login path"
+
+
+async def test_login_without_the_lock_out_is_two_statements(
+    counted: tuple[IssuerHarness, CountingProxy],
+) -> None:
+    """With the lock-out off nothing is counted or cleared: the account, then the family."""
+    harness, proxy = counted
+    assert not harness.services.lockout.policy.enabled
+    async with harness.client() as client:
+        await register(client)
+        for _ in range(2):
+            await login(client)
+        before = proxy.round_trips
+        for _ in range(5):
+            await login(client)
+        assert proxy.round_trips - before == 5 * 2
+        unknown = await client.post("/auth/login", json={"email": "nobody@example.com", "password": "whatever1"})
+        assert unknown.status_code == 401
+        assert proxy.round_trips - before == 5 * 2 + 1
 
 
 async def test_the_counter_sees_transactions(counted: tuple[IssuerHarness, CountingProxy]) -> None:

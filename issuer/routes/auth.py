@@ -100,27 +100,28 @@ async def login(request: Request) -> Response:
         # Locked emails are refused before the password is even checked, known account or not. The attempt
         # is counted (as a failure until it succeeds) atomically with that check: parallel guesses cannot
         # all slip past it.
-        await svc.lockout.begin_attempt(email, svc.clock())
+        done = await svc.login(email, password, user_agent=agent, ip=ip)
     except TooManyRequests:
         svc.metrics.logins.labels("locked").inc()
         svc.metrics.throttled.labels("login", "account").inc()
         log.info("login refused: account locked", extra={"event": "login_locked", "ip": ip, "user_agent": agent})
         raise
-    try:
-        user = await svc.accounts.authenticate(email, password)
     except InvalidCredentials:
         svc.metrics.logins.labels("invalid_credentials").inc()
         log.info("login failed", extra={"event": "login_failed", "ip": ip, "user_agent": agent})
         raise
-    await svc.lockout.record_success(email)
-    now = svc.clock()
-    refresh = await svc.families.start(user, now=now, user_agent=agent, ip=ip)
     svc.metrics.logins.labels("success").inc()
     log.info(
         "login",
-        extra={"event": "login", "user_id": user.id, "family_id": refresh.family_id, "ip": ip, "user_agent": agent},
+        extra={
+            "event": "login",
+            "user_id": done.user.id,
+            "family_id": done.refresh.family_id,
+            "ip": ip,
+            "user_agent": agent,
+        },
     )
-    return token_response(svc, key, user, refresh, now, transport)
+    return token_response(svc, key, done.user, done.refresh, done.issued_at, transport)
 
 
 async def refresh(request: Request) -> Response:
