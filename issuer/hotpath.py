@@ -116,6 +116,19 @@ FINISH_LOGIN_SQL = START_FAMILY_SQL.replace(
 )
 
 
+# Take one token from a shared per-client bucket (``throttle.SharedRateLimiter``): refill for the time since
+# its last use, capped at the capacity, and take one if there is one. An empty bucket's WHERE matches nothing,
+# the row stays as it was and nothing comes back. Parameters: $1 bucket, $2 capacity, $3 now (epoch seconds),
+# $4 tokens per second.
+_REFILLED = "LEAST($2::float8, b.tokens + ($3::float8 - b.updated_at) * $4::float8)"
+TAKE_RATE_TOKEN_SQL = f"""
+INSERT INTO rate_buckets AS b (bucket, tokens, updated_at) VALUES ($1, $2::float8 - 1.0, $3::float8)
+ON CONFLICT (bucket) DO UPDATE SET tokens = {_REFILLED} - 1.0, updated_at = $3::float8
+WHERE {_REFILLED} >= 1.0
+RETURNING b.tokens
+"""  # noqa: S608 (constant fragments; every value is a $n parameter)
+
+
 class DatabaseUnavailable(Exception):
     """A hot-path statement failed in the driver; answered like any database fault (503, retryable)."""
 
@@ -290,3 +303,9 @@ async def finish_login(pool: HotPool, family: Family, token_hash: bytes, *, clea
         await pool.fetch(START_FAMILY_SQL, *args, idempotent=False)
     else:
         await pool.fetch(FINISH_LOGIN_SQL, *args, clear_failures_of, idempotent=False)
+
+
+async def take_rate_token(pool: HotPool, bucket: str, capacity: float, per_second: float, now: float) -> bool:
+    """Take a token from ``bucket``; False (nothing changed) when it is empty."""
+    row = await pool.fetch_one(TAKE_RATE_TOKEN_SQL, bucket, capacity, now, per_second, idempotent=False)
+    return row is not None

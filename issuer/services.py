@@ -81,7 +81,7 @@ class Services:
             lockout=lockout,
             login=PasswordLogin(lockout, accounts, families, hot, clock),
             ip_limiter=IpRateLimiter(settings.rate_limit_per_ip, monotonic),
-            account_ip_limiter=SharedRateLimiter(engine, settings.rate_limit_per_ip, "login+register"),
+            account_ip_limiter=SharedRateLimiter(engine, settings.rate_limit_per_ip, "login+register", hot),
         )
 
 

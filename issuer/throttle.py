@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import case, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from issuer import hotpath
 from issuer.db import rate_buckets, upsert_insert
+from issuer.hotpath import HotPool
 
 MAX_TRACKED_ADDRESSES = 100_000
 
@@ -91,11 +93,12 @@ class SharedRateLimiter:
     the row is left as it was.
     """
 
-    def __init__(self, engine: AsyncEngine, per_minute: int, scope: str) -> None:
+    def __init__(self, engine: AsyncEngine, per_minute: int, scope: str, hot: HotPool | None = None) -> None:
         self._engine = engine
         self._capacity = float(per_minute)
         self._rate = per_minute / 60.0
         self._scope = scope
+        self._hot = hot
 
     @property
     def enabled(self) -> bool:
@@ -107,6 +110,13 @@ class SharedRateLimiter:
             return 0.0
         key = f"{self._scope}:{bucket_key(address)}"[:96]
         at = now.timestamp()
+        if self._hot is not None:
+            # On PostgreSQL the same upsert is one statement on the hot-path pool (``hotpath``), without
+            # a transaction around it; only a refusal reads the bucket afterwards.
+            if await hotpath.take_rate_token(self._hot, key, self._capacity, self._rate, at):
+                return 0.0
+            async with self._engine.connect() as conn:
+                return self._wait(await _bucket(conn, key), at)
         table = rate_buckets
         refilled = table.c.tokens + (at - table.c.updated_at) * self._rate
         available = case((refilled > self._capacity, self._capacity), else_=refilled)
@@ -123,8 +133,18 @@ class SharedRateLimiter:
             )
             if (await conn.execute(statement)).scalar_one_or_none() is not None:
                 return 0.0
-            tokens, updated = (
-                await conn.execute(select(table.c.tokens, table.c.updated_at).where(table.c.bucket == key))
-            ).one()
-        current = min(self._capacity, tokens + (at - updated) * self._rate)
-        return _seconds_until_token(current, self._rate)
+            return self._wait(await _bucket(conn, key), at)
+
+    def _wait(self, bucket: tuple[float, float] | None, at: float) -> float:
+        if bucket is None:  # swept by the cleanup since the refusal: it would be full again
+            return 1.0
+        tokens, updated = bucket
+        return _seconds_until_token(min(self._capacity, tokens + (at - updated) * self._rate), self._rate)
+
+
+async def _bucket(conn: AsyncConnection, key: str) -> tuple[float, float] | None:
+    """A bucket's tokens and last use (epoch seconds)."""
+    row = (
+        await conn.execute(select(rate_buckets.c.tokens, rate_buckets.c.updated_at).where(rate_buckets.c.bucket == key))
+    ).first()
+    return None if row is None else (row[0], row[1])

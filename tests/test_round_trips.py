@@ -207,6 +207,22 @@ async def test_login_without_the_lock_out_is_two_statements(
         assert proxy.round_trips - before == 5 * 2 + 1
 
 
+async def test_the_shared_ip_limit_adds_one_statement_to_a_login(
+    settings: Settings, clock: FakeClock, pg_url: str
+) -> None:
+    """With RATE_LIMIT_PER_IP on, the login's bucket is one more statement, still without a transaction."""
+    limited = with_settings(settings, login_lockout_threshold=5, rate_limit_per_ip=1000)
+    async with _counting_issuer(limited, clock) as (harness, proxy), harness.client() as client:
+        await register(client)
+        for _ in range(2):
+            await login(client)
+        before, simple = proxy.round_trips, proxy.sent["Q"]
+        for _ in range(5):
+            await login(client)
+        assert proxy.round_trips - before == 5 * 3
+        assert proxy.sent["Q"] == simple, "a BEGIN/COMMIT (simple-protocol query) on the login path"
+
+
 async def test_the_counter_sees_transactions(counted: tuple[IssuerHarness, CountingProxy]) -> None:
     """Control: a statement in an explicit transaction is counted as its three round trips."""
     harness, proxy = counted

@@ -457,6 +457,16 @@ async def test_login_and_register_ip_limit_holds_across_replicas(settings: Setti
         assert (await _send(b, "refresh", 0)).status_code == 401
 
 
+async def test_parallel_logins_from_one_address_take_exactly_the_bucket(limited: IssuerHarness) -> None:
+    """20 logins at once from one address: exactly the 5 tokens of its bucket are given out, no more.
+
+    A limiter that read the bucket and wrote it back in two steps would let most of the burst through."""
+    async with limited.client(ip="192.0.2.40") as client:
+        responses = await asyncio.gather(*(_send(client, "login", i) for i in range(20)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [401] * 5 + [429] * 15, statuses
+
+
 async def test_throttled_register_writes_nothing(limited: IssuerHarness) -> None:
     async with limited.client(ip="192.0.2.20") as client:
         for i in range(5):
