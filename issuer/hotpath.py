@@ -5,7 +5,9 @@ entirely: its execution layer (about 100 µs of CPU per statement here), its tra
 and a COMMIT, two more round trips) and its pool (a greenlet switch and an event dispatch per checkout,
 about a quarter of an /auth/me). They run on :class:`HotPool`, a plain asyncpg pool beside the engine's,
 outside any transaction, as prepared statements that asyncpg caches per connection. One statement is
-atomic on its own, so the rotation stays all-or-nothing without BEGIN/COMMIT.
+atomic on its own, so the rotation stays all-or-nothing without BEGIN/COMMIT. Login's two statements
+and the shared per-IP bucket run here too: whatever a login costs beyond its hash comes out of the
+hashing threads' cores (``login``).
 
 SQLite cannot nest an UPDATE inside WITH; there the portable functions in ``store`` run in one
 transaction instead (a local file has no round trips to save).
