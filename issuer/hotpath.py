@@ -103,19 +103,17 @@ READ_LOGIN_SQL = f"SELECT NULL, {_USER_COLUMNS} FROM (VALUES (1)) AS one LEFT JO
 # A new family and its first token, issued when the family is created and expiring at its idle expiry.
 # The family row is inserted inside WITH, so the token's foreign key holds when it is checked at the end
 # of the statement. Parameters: the family's columns in table order ($1 to $8), then the token's hash.
-START_FAMILY_SQL = """
-WITH family AS (
+_NEW_FAMILY = """family AS (
     INSERT INTO refresh_families (id, user_id, created_at, last_used_at, expires_at, idle_expires_at, user_agent, ip)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 )
 INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at, consumed_at)
 VALUES ($9, $1, $3, $6, NULL)
 """
+START_FAMILY_SQL = "WITH " + _NEW_FAMILY
 # After a success with the lock-out on: the same, and the attempt's count cleared ($10, the email), in one
 # commit.
-FINISH_LOGIN_SQL = START_FAMILY_SQL.replace(
-    "WITH family AS", "WITH cleared AS (DELETE FROM login_failures WHERE email = $10), family AS", 1
-)
+FINISH_LOGIN_SQL = "WITH cleared AS (DELETE FROM login_failures WHERE email = $10), " + _NEW_FAMILY  # noqa: S608
 
 
 # Take one token from a shared per-client bucket (``throttle.SharedRateLimiter``): refill for the time since
