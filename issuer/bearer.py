@@ -18,8 +18,7 @@ from issuer.settings import Settings
 from issuer.store import User
 from issuer.user_lookup import UserLookup
 from issuer.verifier import TokenError
-from issuer.verifier.errors import UnknownKey
-from issuer.verifier.verify import check_claims_with, claims_registry, parse_token, verify_signature
+from issuer.verifier.verify import check_claims_with, claims_registry, key_for, parse_token, verify_signature
 
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat", "jti", "sid", "tokenVersion")
 
@@ -130,10 +129,8 @@ class BearerAuth:
             claims, kid, key = known.claims, known.kid, known.key  # the full check names the failed rule
         else:
             parsed = parse_token(token)
-            key = keys.get(parsed.kid) if parsed.kid is not None else None
-            if parsed.kid is None or key is None:
-                raise UnknownKey()
-            claims, kid = MappingProxyType(verify_signature(parsed, key)), parsed.kid
+            kid, key = key_for(parsed, keys)
+            claims = MappingProxyType(verify_signature(parsed, key))
         check_claims_with(claims, self._registry, REQUIRED_CLAIMS)  # type: ignore[arg-type]  # only reads
         self._remember(token, _Verified(claims, kid, key, *self._time_window(claims)))
         return claims

@@ -73,9 +73,7 @@ def verify_access_token(
 ) -> dict[str, Any]:
     """Return the claims of a valid access token, or raise a :class:`TokenError` subclass."""
     parsed = parse_token(token)
-    key = keys.get(parsed.kid) if parsed.kid is not None else None
-    if key is None:
-        raise UnknownKey()
+    _, key = key_for(parsed, keys)
     claims = verify_signature(parsed, key)
     check_claims(claims, issuer=issuer, audience=audience, now=now, leeway=leeway, required=required_claims)
     return claims
@@ -103,6 +101,14 @@ def parse_token(token: str) -> ParsedToken:
         raise MalformedToken("The access token header carries parameters this verifier refuses.")
     kid = header.get("kid")
     return ParsedToken(compact, header, kid if isinstance(kid, str) and kid else None)
+
+
+def key_for(parsed: ParsedToken, keys: Mapping[str, RSAKey]) -> tuple[str, RSAKey]:
+    """The token's kid and the key it names in ``keys``; UnknownKey when it names none."""
+    key = keys.get(parsed.kid) if parsed.kid is not None else None
+    if parsed.kid is None or key is None:
+        raise UnknownKey()
+    return parsed.kid, key
 
 
 def verify_signature(parsed: ParsedToken, key: RSAKey) -> dict[str, Any]:
