@@ -131,7 +131,8 @@ class Settings:
             raise ConfigError("KEY_PUBLISH_LEAD: must be at least JWKS_MAX_AGE, or caches may meet an unknown kid")
         if 0 < self.key_rotation_interval < self.key_publish_lead:
             raise ConfigError("KEY_ROTATION_INTERVAL: must be 0 (off) or at least KEY_PUBLISH_LEAD")
-        if self.kek_is_dev and self.issuer_url.startswith("https://"):
+        # The parsed scheme, not the string: "HTTPS://..." is an https issuer too.
+        if self.kek_is_dev and urlsplit(self.issuer_url).scheme == "https":
             raise ConfigError(
                 "ISSUER_KEK: an https issuer needs a real key-encryption key (ISSUER_KEK or ISSUER_KEK_FILE), "
                 "not the generated development one"

@@ -123,6 +123,8 @@ def test_explicit_values_are_read(tmp_path: Path, dev_kek_path: Path) -> None:
         pytest.param({"ISSUER_URL": "https://issuer.example.com/?a=b"}, "ISSUER_URL", id="issuer-query"),
         pytest.param({"ISSUER_URL": "https://issuer.example.com/#x"}, "ISSUER_URL", id="issuer-fragment"),
         pytest.param({"ISSUER_URL": "https://issuer.example.com"}, "ISSUER_KEK", id="https-with-dev-kek"),
+        pytest.param({"ISSUER_URL": "HTTPS://issuer.example.com"}, "ISSUER_KEK", id="upper-https-with-dev-kek"),
+        pytest.param({"ISSUER_URL": "Https://issuer.example.com"}, "ISSUER_KEK", id="mixed-https-with-dev-kek"),
         pytest.param({"COOKIE_SECURE": "maybe"}, "COOKIE_SECURE", id="cookie-secure-maybe"),
         pytest.param({"COOKIE_SECURE": "2"}, "COOKIE_SECURE", id="cookie-secure-2"),
         pytest.param({"JWKS_MAX_AGE": "300", "KEY_PUBLISH_LEAD": "299"}, "KEY_PUBLISH_LEAD", id="lead-below-max-age"),
