@@ -27,8 +27,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from joserfc.jwk import RSAKey
 
 from issuer.settings import Secret
+from issuer.verifier.jwks import MAX_RSA_BITS, MIN_RSA_BITS
 
-MIN_RSA_BITS = 2048
+# MIN_RSA_BITS and MAX_RSA_BITS are the verifier's: the issuer signs only with keys its own verifier accepts.
+# A 32768-bit key would sign, and every gateway running issuer.verifier would drop it from the JWKS and refuse
+# its tokens as unknown_kid.
 DEFAULT_RSA_BITS = 2048
 _NONCE_BYTES = 12
 
@@ -102,8 +105,8 @@ def new_key_record(
     """Build (but do not store) a key published at ``now`` and signing from ``activate_at``."""
     if private_key is None:
         private_key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    if private_key.key_size < MIN_RSA_BITS:
-        raise ValueError(f"RSA key of {private_key.key_size} bits; at least {MIN_RSA_BITS} are required")
+    if not MIN_RSA_BITS <= private_key.key_size <= MAX_RSA_BITS:
+        raise ValueError(f"RSA key of {private_key.key_size} bits; {MIN_RSA_BITS} to {MAX_RSA_BITS} are allowed")
     kid, jwk = public_jwk(private_key)
     return KeyRecord(
         kid=kid,

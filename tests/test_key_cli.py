@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -19,11 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sqlalchemy import update
 
+from issuer import keys
 from issuer.db import create_engine, signing_keys
 from issuer.key_manager import KeyManager
 from issuer.keys import KeyRecord, KeyState, encrypt_private_key, new_key_record
-from issuer.settings import Settings
+from issuer.settings import Secret, Settings
 from issuer.store import insert_key
+from issuer.verifier import jwks
 from tests.conftest import FakeClock, IssuerHarness
 from tests.helpers import bearer, login, register
 from tests.key_support import (
@@ -295,6 +297,31 @@ async def test_import_into_an_empty_table_refuses_a_small_key_and_writes_nothing
     path = _key_file(weak_rsa_key())(tmp_path)
     assert_refused(await cli("keys", "import", str(path)), "1024")
     assert await key_rows(settings.database_url) == []
+
+
+async def test_import_refuses_a_key_larger_than_verifiers_accept(
+    settings: Settings, issuer: IssuerHarness, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every gateway running issuer.verifier drops keys over its maximum, so such a key must never sign.
+
+    A key over the real maximum (16384 bits) takes minutes to generate: the limit is lowered instead, and the
+    test below pins that the issuer's limit is the verifier's."""
+    monkeypatch.setattr(keys, "MAX_RSA_BITS", 2048)
+    path = _key_file(rsa.generate_private_key(public_exponent=65537, key_size=3072))(tmp_path)
+    before = await key_rows(settings.database_url)
+    assert_refused(await cli("keys", "import", str(path), "--now"), "3072", "at most 2048")
+    assert await key_rows(settings.database_url) == before
+
+
+def test_the_issuers_key_size_limits_are_the_verifiers() -> None:
+    assert (keys.MIN_RSA_BITS, keys.MAX_RSA_BITS) == (jwks.MIN_RSA_BITS, jwks.MAX_RSA_BITS) == (2048, 16384)
+    with pytest.raises(ValueError, match="2048 to 16384"):
+        new_key_record(
+            Secret(secrets.token_bytes(32)),
+            now=datetime.now(UTC),
+            activate_at=datetime.now(UTC),
+            private_key=weak_rsa_key(),
+        )
 
 
 # ---------------------------------------------------------------- list and prune
