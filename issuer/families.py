@@ -129,8 +129,10 @@ class RefreshFamilies:
                 raise InvalidGrant("The refresh token has expired.")
             replay = await self._replay(conn, token.consumed_at, successor, now)
             if replay is not None:
-                user = await store.user_by_id(conn, family.user_id)
-                if user is None:  # no lock is held here: the account was deleted after the reads above
+                # No lock is held here: read the family's state again with the user, in one statement. A
+                # revoke, logout-all or account deletion that committed after the reads above is seen here.
+                user = await store.user_of_live_family(conn, family.id, now)
+                if user is None:
                     raise InvalidGrant("The refresh token's session has ended.")
                 return Rotation(user, IssuedRefresh(successor, family.id, replay), replayed=True)
             revoked_now = await store.revoke_family(conn, family.id, now, "reuse")

@@ -85,6 +85,23 @@ async def user_by_id(conn: AsyncConnection, user_id: str) -> User | None:
     return None if row is None else _user(row)
 
 
+async def user_of_live_family(conn: AsyncConnection, family_id: str, now: datetime) -> User | None:
+    """The family's user, if the family is neither revoked nor past its absolute expiry.
+
+    One statement, so one snapshot: a logout-all (which bumps the version and revokes the families in one
+    transaction) is seen either entirely or not at all. Reading the family and then the user in two
+    statements could pair "not revoked" with the new tokenVersion and mint a token that survives it.
+    """
+    row = (
+        await conn.execute(
+            select(users)
+            .join(families, families.c.user_id == users.c.id)
+            .where(families.c.id == family_id, families.c.revoked_at.is_(None), families.c.expires_at > now)
+        )
+    ).first()
+    return None if row is None else _user(row)
+
+
 async def users_by_id(conn: AsyncConnection, user_ids: list[str]) -> dict[str, User]:
     rows = await conn.execute(select(users).where(users.c.id.in_(user_ids)))
     return {row.id: _user(row) for row in rows}

@@ -139,6 +139,52 @@ async def test_replay_is_flagged_as_replayed_at_service_level(app: IssuerHarness
     assert again.user == first.user
 
 
+async def _logout_all(app: IssuerHarness, user_id: str, successor: str) -> None:
+    await app.services.accounts.logout_all(user_id, now=app.clock())
+
+
+async def _logout(app: IssuerHarness, user_id: str, successor: str) -> None:
+    await app.services.families.revoke_by_token(successor, now=app.clock())
+
+
+async def _delete_account(app: IssuerHarness, user_id: str, successor: str) -> None:
+    async with engine_of(app).begin() as conn:
+        await store.delete_user(conn, user_id)
+
+
+@pytest.mark.parametrize("interloper", [_logout_all, _logout, _delete_account])
+async def test_a_replay_racing_a_revocation_yields_nothing(
+    app: IssuerHarness,
+    http: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    interloper: Callable[[IssuerHarness, str, str], Any],
+) -> None:
+    """The replay path reads the family, then (no lock held) decides and reads the user. A revocation that
+    commits in between must win: with logout-all, a token carrying the new tokenVersion for a revoked
+    family would survive the logout-all at every issuer endpoint until it expires."""
+    first = await start(http)
+    token, user_id = first["refresh_token"], jwt_claims(first["access_token"])["sub"]
+    successor = (await rotate_ok(http, token))["refresh_token"]
+    app.clock.advance(1)
+
+    read_family = store.token_with_family
+    raced: list[bool] = []
+
+    async def then_revoke(conn: Any, token_hash: bytes) -> Any:
+        found = await read_family(conn, token_hash)
+        if not raced:  # once: right after the replay path has seen the family alive
+            raced.append(True)
+            await interloper(app, user_id, successor)
+        return found
+
+    monkeypatch.setattr(store, "token_with_family", then_revoke)
+    assert_error(await refresh_body(http, token), 401, "invalid_grant")
+    assert raced == [True]
+    monkeypatch.undo()
+    assert_error(await refresh_body(http, successor), 401, "invalid_grant")
+    assert_error(await refresh_body(http, token), 401, "invalid_grant")
+
+
 @pytest.mark.parametrize("late_by", [1, 60, 86400])
 async def test_repeat_after_grace_revokes_family(app: IssuerHarness, http: httpx.AsyncClient, late_by: int) -> None:
     engine, clock = engine_of(app), app.clock
