@@ -122,4 +122,4 @@ async def _locked_until(conn: AsyncConnection, email: str) -> datetime | None:
 def _locked(until: datetime | None, now: datetime) -> TooManyRequests:
     """The 429 for a locked email; with no lock left (cleared meanwhile) the caller may retry in a second."""
     retry = 1 if until is None else max(1, math.ceil((until - now).total_seconds()))
-    return TooManyRequests(retry, "Too many failed logins for this account; try again later.")
+    return TooManyRequests(retry, "Too many failed password attempts for this account; try again later.")

@@ -107,6 +107,41 @@ async def test_brute_force_from_many_addresses_is_locked_out(locking: IssuerHarn
     assert [r.status_code for r in again] == [401] * THRESHOLD + [429]
 
 
+async def delete_account(client: httpx.AsyncClient, access: str, password: str) -> httpx.Response:
+    return await client.request("DELETE", "/auth/account", json={"password": password}, headers=bearer(access))
+
+
+async def test_account_deletion_guesses_count_with_the_logins(locking: IssuerHarness) -> None:
+    """DELETE /auth/account checks the password: a stolen access token must not buy unlimited guesses."""
+    async with locking.client() as client:
+        await register(client)
+        access = (await login(client))["access_token"]
+        # Guesses through the deletion endpoint: 403 up to the threshold, then the account is locked.
+        guesses = [await delete_account(client, access, WRONG) for _ in range(THRESHOLD + 3)]
+        assert [r.status_code for r in guesses] == [403] * THRESHOLD + [429] * 3
+        wait = assert_throttled(guesses[-1])
+        # While locked, the right password is refused here and at login alike, and nothing is deleted.
+        assert assert_throttled(await delete_account(client, access, PASSWORD)) == wait
+        assert_throttled(await attempt(locking, ALICE, PASSWORD, attacker_ip(1)))
+        assert (await client.get("/auth/me", headers=bearer(access))).status_code == 200
+        assert sample(locking.services, "issuer_throttled_requests_total", {"route": "account", "reason": "account"})
+
+        locking.clock.advance(wait)
+        deleted = await delete_account(client, access, PASSWORD)
+        assert deleted.status_code == 204, deleted.text
+        assert await failure_row(locking.services.engine, ALICE) is None
+
+
+async def test_login_failures_lock_account_deletion_too(locking: IssuerHarness) -> None:
+    async with locking.client() as client:
+        await register(client)
+        access = (await login(client))["access_token"]
+    for i in range(THRESHOLD):
+        assert (await attempt(locking, ALICE, WRONG, attacker_ip(i))).status_code == 401
+    async with locking.client() as client:
+        assert (await delete_account(client, access, WRONG)).status_code == 429
+
+
 async def test_unknown_accounts_get_exactly_the_same_treatment(
     locking: IssuerHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -493,6 +528,19 @@ async def test_login_and_register_share_a_bucket_refresh_has_its_own(limited: Is
         for i in range(5):
             assert (await _send(client, "refresh", 10 + i)).status_code == 401
         assert_throttled(await _send(client, "refresh", 20))
+
+
+async def test_account_deletion_takes_from_the_login_bucket(limited: IssuerHarness) -> None:
+    async with limited.client(ip="192.0.2.60") as setup:
+        await register(setup)
+        access = (await login(setup))["access_token"]
+    async with limited.client(ip="192.0.2.61") as client:
+        for _ in range(5):
+            assert_error(await delete_account(client, access, WRONG), 403, "invalid_credentials")
+        assert_throttled(await delete_account(client, access, PASSWORD))
+        assert sample(limited.services, "issuer_throttled_requests_total", {"route": "account", "reason": "ip"}) == 1
+        assert_throttled(await _send(client, "login", 1))  # one bucket for every password check
+        assert (await client.get("/auth/me", headers=bearer(access))).status_code == 200
 
 
 async def test_ip_limit_leaves_other_endpoints_alone(limited: IssuerHarness) -> None:

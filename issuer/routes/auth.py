@@ -55,8 +55,8 @@ def _string_field(data: dict[str, Any], name: str) -> str:
 async def throttle_ip(svc: Services, request: Request, route: str) -> str | None:
     """The client address, after taking a token from its bucket (429 when empty).
 
-    Login and register share a bucket kept in the database (the limit protects accounts, so it must hold
-    across replicas); refresh uses this process's memory (it protects this process's CPU).
+    Login, register and account deletion share a bucket kept in the database (the limit protects accounts,
+    so it must hold across replicas); refresh uses this process's memory (it protects this process's CPU).
     """
     ip = client_ip(request, svc.settings)
     if route == "refresh":
@@ -227,12 +227,24 @@ async def revoke_session(request: Request) -> Response:
 
 
 async def delete_account(request: Request) -> Response:
+    """A password check like login's, so it gets login's guards: the shared per-IP bucket, and the account's
+    lock-out (failures here and at login count together). Otherwise a stolen access token would buy
+    unlimited guesses at the password, and any account holder unlimited argon2 hashes."""
     svc = services(request)
     caller = await svc.bearer.authenticate(request)
+    ip = await throttle_ip(svc, request, "account")
     data = await read_json_object(request)
     password = check_password_shape(data["password"], new=False) if "password" in data else _missing("password")
-    await svc.accounts.delete(caller.user, password)
-    log.info("account deleted", extra={"event": "account_deleted", "user_id": caller.user.id})
+    email = caller.user.email
+    try:
+        await svc.lockout.begin_attempt(email, svc.clock())
+    except TooManyRequests:
+        svc.metrics.throttled.labels("account", "account").inc()
+        log.info("account deletion refused: account locked", extra={"event": "account_delete_locked", "ip": ip})
+        raise
+    await svc.accounts.delete(caller.user, password)  # a wrong password leaves the attempt counted
+    await svc.lockout.record_success(email)
+    log.info("account deleted", extra={"event": "account_deleted", "user_id": caller.user.id, "ip": ip})
     response = Response(status_code=204, headers=NO_STORE)
     _clear_cookie(response, svc)
     return response
