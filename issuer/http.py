@@ -94,7 +94,8 @@ def _is_trusted(address: str, trusted: tuple[str, ...]) -> bool:
 
 
 def check_origin(request: Request, settings: Settings) -> None:
-    """Cookie endpoints: a browser request from a foreign origin is refused (no Origin: not a browser)."""
+    """Cookie endpoints (a login that sets the cookie, a refresh or logout that uses it): a browser request
+    from a foreign origin is refused (no Origin: not a browser)."""
     origin = request.headers.get("origin")
     if origin is None:
         return

@@ -91,6 +91,41 @@ async def test_cookie_logout_origin_check(browser_app: IssuerHarness) -> None:
         assert_error(await cookie_refresh(client, token, APP), 401, "invalid_grant")
 
 
+async def test_cookie_login_from_foreign_origin_is_403_and_writes_nothing(browser_app: IssuerHarness) -> None:
+    """Login CSRF: a foreign page posting a login (a no-cors fetch sends no Content-Type and no preflight)
+    would plant the attacker's session cookie in the victim's browser."""
+    async with browser_app.client() as client:
+        await register(client)
+    engine = browser_app.services.engine
+    async with engine.connect() as conn:
+        user = await store.user_by_email(conn, "alice@example.com")
+    assert user is not None
+    body = b'{"email": "alice@example.com", "password": "%s"}' % PASSWORD.encode()
+    async with browser_app.client() as client:
+        for origin in (EVIL, "null", f"{APP}.evil.example"):
+            refused = await client.post("/auth/login", content=body, headers={"Origin": origin})
+            assert_error(refused, 403, "forbidden")
+            assert "set-cookie" not in refused.headers
+            assert_no_cors_grant(refused)
+        async with engine.connect() as conn:
+            assert await store.active_families(conn, user.id, browser_app.clock()) == []
+        # Allowed origins, the issuer's own and non-browser clients log in as before.
+        for origin in (APP, ISSUER_URL, None):
+            headers = {} if origin is None else {"Origin": origin}
+            allowed = await client.post("/auth/login", content=body, headers=headers)
+            assert allowed.status_code == 200, allowed.text
+            assert set_cookie_attributes(allowed)["refresh_token"]
+        # Body transport sets no cookie: nothing to plant, so no Origin check (and no CORS grant either).
+        as_body = await client.post(
+            "/auth/login",
+            json={"email": "alice@example.com", "password": PASSWORD, "token_transport": "body"},
+            headers={"Origin": EVIL},
+        )
+        assert as_body.status_code == 200
+        assert "set-cookie" not in as_body.headers
+        assert_no_cors_grant(as_body)
+
+
 async def test_body_transport_is_not_subject_to_the_cookie_origin_check(browser_app: IssuerHarness) -> None:
     """A token in the body is not an ambient credential: no CSRF, so any Origin may present it (no CORS grant)."""
     async with browser_app.client() as client:

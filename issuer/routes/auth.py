@@ -92,6 +92,10 @@ async def login(request: Request) -> Response:
     transport = data.get("token_transport", "cookie")
     if transport not in TRANSPORTS:
         raise InvalidRequest("'token_transport' must be 'cookie' or 'body'.")
+    if transport == "cookie":
+        # A foreign page must not plant its own session's cookie in the browser (login CSRF): the login
+        # that sets the cookie gets the same Origin check as the endpoints that use it.
+        check_origin(request, svc.settings)
     email = normalize_email(data["email"]) if "email" in data else _missing("email")
     password = check_password_shape(data["password"], new=False) if "password" in data else _missing("password")
     agent = user_agent(request)
