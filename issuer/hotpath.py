@@ -286,8 +286,11 @@ async def begin_login(pool: HotPool, email: str, attempt: Attempt | None) -> tup
     return locked, user
 
 
-async def finish_login(pool: HotPool, family: Family, token_hash: bytes, *, clear_failures_of: str | None) -> None:
-    """Insert the family and its first token and, when given an email, clear its failures: one statement."""
+async def finish_login(pool: HotPool, family: Family, token_hash: bytes, *, clear_failures_of: str | None) -> bool:
+    """Insert the family and its first token and, when given an email, clear its failures: one statement.
+
+    False (nothing written) when the user is gone: the account was deleted while its password was checked.
+    """
     args = (
         family.id,
         family.user_id,
@@ -299,10 +302,16 @@ async def finish_login(pool: HotPool, family: Family, token_hash: bytes, *, clea
         family.ip,
         token_hash,
     )
-    if clear_failures_of is None:
-        await pool.fetch(START_FAMILY_SQL, *args, idempotent=False)
-    else:
-        await pool.fetch(FINISH_LOGIN_SQL, *args, clear_failures_of, idempotent=False)
+    try:
+        if clear_failures_of is None:
+            await pool.fetch(START_FAMILY_SQL, *args, idempotent=False)
+        else:
+            await pool.fetch(FINISH_LOGIN_SQL, *args, clear_failures_of, idempotent=False)
+    except DatabaseUnavailable as exc:
+        if isinstance(exc.__cause__, asyncpg.ForeignKeyViolationError):
+            return False
+        raise
+    return True
 
 
 async def take_rate_token(pool: HotPool, bucket: str, capacity: float, per_second: float, now: float) -> bool:

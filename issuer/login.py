@@ -15,9 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy.exc import IntegrityError
+
 from issuer import hotpath
 from issuer.accounts import Accounts
 from issuer.clock import Clock
+from issuer.errors import InvalidCredentials
 from issuer.families import IssuedRefresh, RefreshFamilies, token_hash
 from issuer.hotpath import HotPool
 from issuer.lockout import LoginLockout
@@ -61,7 +64,8 @@ class PasswordLogin:
         now = self._clock()
         family, issued = self._families.new_family(user, now=now, user_agent=user_agent, ip=ip)
         clear = None if attempt is None else email
-        await hotpath.finish_login(self._hot, family, token_hash(issued.token), clear_failures_of=clear)
+        if not await hotpath.finish_login(self._hot, family, token_hash(issued.token), clear_failures_of=clear):
+            raise InvalidCredentials()  # the account was deleted during the hash: as if it had never existed
         return LoggedIn(user, issued, now)
 
     async def _step_by_step(self, email: str, password: str, *, user_agent: str | None, ip: str | None) -> LoggedIn:
@@ -69,5 +73,8 @@ class PasswordLogin:
         user = await self._accounts.authenticate(email, password)
         await self._lockout.record_success(email)
         now = self._clock()
-        refresh = await self._families.start(user, now=now, user_agent=user_agent, ip=ip)
+        try:
+            refresh = await self._families.start(user, now=now, user_agent=user_agent, ip=ip)
+        except IntegrityError:  # the family's user is gone: the account was deleted during the hash
+            raise InvalidCredentials() from None
         return LoggedIn(user, refresh, now)

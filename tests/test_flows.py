@@ -9,8 +9,10 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
+from issuer import store
 from issuer.db import families, refresh_tokens, users
 from issuer.settings import Argon2Params, Settings
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
@@ -239,6 +241,31 @@ async def test_login_wrong_password_and_unknown_email_are_indistinguishable(clie
     assert wrong.content == unknown.content
     assert dict(wrong.headers) == dict(unknown.headers)
     assert "set-cookie" not in wrong.headers
+
+
+@pytest.mark.parametrize("lockout", [0, 5])
+async def test_account_deleted_during_the_password_check_is_401_not_503(
+    settings: Settings, clock: FakeClock, any_db_url: str, monkeypatch: pytest.MonkeyPatch, lockout: int
+) -> None:
+    """The account is read before the hash and the session written after it; a deletion in between is the
+    client's race, not a fault: the login answers like an unknown email and writes nothing."""
+    configured = with_settings(settings, database_url=any_db_url, login_lockout_threshold=lockout)
+    async with running_issuer(configured, clock) as harness, harness.client() as client:
+        user = await register(client)
+        svc = harness.services
+        check = svc.passwords.verify
+
+        async def check_then_delete(stored_hash: str | None, password: str) -> bool:
+            ok = await check(stored_hash, password)
+            async with svc.engine.begin() as conn:
+                await store.delete_user(conn, user["id"])
+            return ok
+
+        monkeypatch.setattr(svc.passwords, "verify", check_then_delete)
+        assert_error(await login_raw(client), 401, "invalid_credentials")
+        async with svc.engine.connect() as conn:
+            assert (await conn.execute(select(func.count()).select_from(families))).scalar_one() == 0
+        assert svc.metrics.db_errors._value.get() == 0
 
 
 async def test_login_normalizes_the_email(client: httpx.AsyncClient) -> None:
