@@ -1,14 +1,16 @@
 """The JWKS cache's rules, against a scriptable fake issuer and simulated time (no database, no sleeping).
 
-Every count below is of requests the fake issuer actually received.
+Every count below is of requests the fake issuer actually received. A stale lookup of a known kid revalidates in
+the background, so tests that count its requests first ``settle`` the cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -48,6 +50,25 @@ async def http(fake: FakeIssuer) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
+@pytest.fixture(autouse=True)
+def no_orphaned_tasks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A background fetch must not be collected while pending nor leave an exception unretrieved.
+
+    asyncio reports both through its logger ("Task was destroyed but it is pending!", "Task exception was never
+    retrieved"), not as warnings, so ``filterwarnings = error`` would not catch them.
+    """
+    yield
+    gc.collect()
+    logged = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
+    assert [r.getMessage() for r in logged if r.name == "asyncio"] == []
+
+
+async def settle(cache: JWKSCache) -> None:
+    """Wait for the fetch in flight, if any (a stale lookup of a known kid no longer waits for it)."""
+    if cache._inflight is not None:
+        await cache._inflight
+
+
 def with_kid(token: str, kid: str) -> str:
     """The same token under another kid (signature untouched: the kid is looked up before it is checked)."""
     _, payload, signature = token.split(".")
@@ -70,6 +91,7 @@ async def test_a_fresh_set_is_served_without_fetching(
     clock.advance(1)  # max-age=300 is over: one revalidation
     await verifier.verify(mint(clock))
     await verifier.verify(mint(clock))
+    await settle(verifier.jwks)
     assert len(fake.jwks_requests) == 2
 
 
@@ -77,16 +99,18 @@ async def test_a_fresh_set_is_served_without_fetching(
     ("cache_control", "age", "lifetime"),
     [
         pytest.param("public, max-age=600", None, 600, id="max-age-honoured"),
-        pytest.param("public, max-age=5", None, 30, id="too-short-clamped-up"),
-        pytest.param("max-age=0", None, 30, id="zero-clamped-up"),
+        pytest.param("public, max-age=9", None, 9, id="short-max-age-honoured"),
+        pytest.param("public, max-age=1", None, 1, id="one-second-honoured"),
+        pytest.param("max-age=0", None, 1, id="zero-is-the-floor"),
         pytest.param("public, max-age=999999999", None, 86400, id="too-long-clamped-down"),
         pytest.param(None, None, 300, id="absent-default"),
         pytest.param("public", None, 300, id="no-max-age-default"),
         pytest.param("max-age=soon", None, 300, id="malformed-default"),
         pytest.param("max-age=-5", None, 300, id="negative-default"),
-        pytest.param("no-store", None, 30, id="no-store-is-the-minimum"),
-        pytest.param("no-cache, max-age=600", None, 30, id="no-cache-is-the-minimum"),
+        pytest.param("no-store", None, 1, id="no-store-is-the-floor"),
+        pytest.param("no-cache, max-age=600", None, 1, id="no-cache-is-the-floor"),
         pytest.param("public, max-age=300", "200", 100, id="age-is-subtracted"),
+        pytest.param("public, max-age=300", "400", 1, id="older-than-max-age-is-the-floor"),
         pytest.param('max-age="120"', None, 120, id="quoted"),
     ],
 )
@@ -113,11 +137,84 @@ async def test_cache_control_sets_the_lifetime_within_bounds(
     await verifier.verify(mint(clock))
     clock.advance(lifetime - 1)
     await verifier.verify(mint(clock))
+    await settle(verifier.jwks)
     assert len(fake.jwks_requests) == 1, "refetched before the lifetime ended"
     clock.advance(1)
     await verifier.verify(mint(clock))
+    await settle(verifier.jwks)
     assert len(fake.jwks_requests) == 2, "did not refetch when the lifetime ended"
     await http.aclose()
+
+
+def cache_for(http: httpx.AsyncClient, clock: SimClock, **options: Any) -> JWKSCache:
+    return JWKSCache(jwks_uri=JWKS_URI, http_client=http, monotonic=clock.monotonic, **options)
+
+
+async def test_a_short_max_age_is_honoured_across_a_rotation(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+) -> None:
+    """JWKS_MAX_AGE=10, KEY_PUBLISH_LEAD=20, KEY_RELOAD_INTERVAL=10: the issuer serves max-age=9 (its
+    ``jwks_max_age``), and a key published just after our fetch signs 20 s later. Keeping the set longer than
+    9 s (the old 30 s floor) meets the new kid inside the unknown-kid cooldown and refuses a valid token."""
+    fake.cache_control = "public, max-age=9"
+    cache = cache_for(http, clock)
+    old, new = kid_of(private_key(0)), kid_of(private_key(1))
+    assert (await cache.get_key(old)).kid == old  # t=0: fetched just before the rotation
+    fake.keys = [public_jwk(private_key(0)), public_jwk(private_key(1))]  # published now, signs at t=20
+    clock.advance(5)
+    assert (await cache.get_key(old)).kid == old  # fresh: no fetch
+    clock.advance(16)  # t=21: a token signed at t=20 by the new key
+    assert (await cache.get_key(new)).kid == new
+    assert len(fake.jwks_requests) == 2  # the one scheduled refetch...
+    assert cache.stats.unknown_kid_refetches == 0  # ...and no unplanned one: the contract's promise
+    await cache.aclose()
+
+
+async def test_freshness_is_counted_from_the_request_not_the_answer(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+) -> None:
+    """A slow answer is that much older (RFC 9111 4.2.3): its max-age must not stretch past the issuer's window."""
+    fake.cache_control = "public, max-age=9"
+    fake.gate = asyncio.Event()
+    cache = cache_for(http, clock)
+    known = kid_of(private_key(0))
+    first = asyncio.create_task(cache.get_key(known))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    clock.advance(4)  # the issuer takes 4 s to answer
+    fake.gate.set()
+    assert (await first).kid == known
+    clock.advance(4)  # t=8 since the request: fresh
+    assert cache.peek(known) is not None
+    clock.advance(1)  # t=9: stale, though the answer is only 5 s old
+    assert cache.peek(known) is None
+    await cache.get_key(known)
+    await settle(cache)
+    assert len(fake.jwks_requests) == 2
+    await cache.aclose()
+
+
+@pytest.mark.parametrize("cache_control", ["max-age=0", "no-cache", "no-store", "public, max-age=300, no-cache"])
+@pytest.mark.parametrize("min_ttl", [None, 5.0], ids=["default-floor", "floor-5s"])
+async def test_max_age_zero_or_no_cache_cost_at_most_one_fetch_per_min_ttl(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock, cache_control: str, min_ttl: float | None
+) -> None:
+    fake.cache_control = cache_control
+    cache = cache_for(http, clock) if min_ttl is None else cache_for(http, clock, min_ttl=min_ttl)
+    known, duration, step = kid_of(private_key(0)), 20.0, 0.25
+    for _ in range(int(duration / step)):
+        lookups = [cache.get_key(known) for _ in range(50)]
+        lookups += [cache.get_key(secrets.token_urlsafe(8)) for _ in range(10)]  # forged kids on top
+        outcomes = await asyncio.gather(*lookups, return_exceptions=True)
+        assert {getattr(o, "kid", None) for o in outcomes[:50]} == {known}
+        assert all(isinstance(o, UnknownKey) for o in outcomes[50:])
+        await settle(cache)
+        clock.advance(step)
+    floor = cache.min_ttl
+    assert floor == (min_ttl or 1.0)
+    assert duration / floor - 1 <= len(fake.jwks_requests) <= duration / floor + 1, len(fake.jwks_requests)
+    assert cache.stats.unknown_kid_refetches == 0
+    await cache.aclose()
 
 
 async def test_etag_revalidation_keeps_the_keys_and_extends_freshness(
@@ -130,6 +227,7 @@ async def test_etag_revalidation_keeps_the_keys_and_extends_freshness(
 
     clock.advance(300)
     await verifier.verify(mint(clock))
+    await settle(verifier.jwks)
     (revalidation,) = fake.jwks_requests
     assert revalidation.headers["if-none-match"] == etag
     assert verifier.jwks.stats.not_modified == 1
@@ -154,6 +252,7 @@ async def test_no_conditional_request_without_an_etag(
     await verifier.verify(mint(clock))
     clock.advance(300)
     await verifier.verify(mint(clock))
+    await settle(verifier.jwks)
     assert [r.headers.get("if-none-match") for r in fake.jwks_requests] == [None, None]
 
 
@@ -234,6 +333,7 @@ async def test_a_bad_answer_keeps_the_cached_keys_and_backs_off(
 
     # Stale, the refetch fails: the cached key still verifies, and nothing from the bad answer is trusted.
     assert (await verifier.verify(mint(clock))).sub == "user-1"
+    await settle(verifier.jwks)
     assert verifier.jwks.stats.failures == 1
     error = verifier.jwks.stats.last_error
     assert error
@@ -251,6 +351,7 @@ async def test_a_bad_answer_keeps_the_cached_keys_and_backs_off(
     # ...and one after it.
     clock.advance(1)
     await verifier.verify(mint(clock))
+    await settle(verifier.jwks)
     assert len(fake.jwks_requests) == 3
 
 
@@ -308,6 +409,7 @@ async def test_a_hanging_issuer_times_out_and_keeps_the_keys(
     fake.failure = hang
     clock.advance(300)
     assert (await verifier.verify(mint(clock))).sub == "user-1"
+    await settle(verifier.jwks)
     assert verifier.jwks.stats.failures == 1
 
 
@@ -443,6 +545,7 @@ async def test_issuer_down_cached_keys_work_until_the_stale_limit_then_fail_clos
         clock.advance(step)
         elapsed += step
         assert (await verifier.verify(mint(clock))).sub == "user-1", elapsed
+        await settle(verifier.jwks)
     assert elapsed == 300 + 3600 - 1
     attempts = len(fake.jwks_requests) - 1
     assert 1 <= attempts <= (elapsed - 300) / 10 + 1, attempts  # the outage was not hammered
@@ -492,6 +595,128 @@ async def test_a_304_without_a_cached_set_is_a_failure(
     assert "304" in (verifier.jwks.stats.last_error or "")
 
 
+# ---------------------------------------------------------------- stale-while-revalidate
+
+
+async def test_a_hanging_issuer_does_not_hold_up_known_kids_on_a_stale_set(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+) -> None:
+    """An issuer that accepts the connection and never answers: requests whose key we hold must not wait."""
+    verifier = verifier_for(http, clock, fetch_timeout=0.2)
+    await verifier.verify(mint(clock))
+    fake.gate = asyncio.Event()  # never set: every JWKS request hangs until the fetch times out
+    clock.advance(300)
+    tokens = [mint(clock) for _ in range(5)]
+    for _ in range(3):
+        results = await asyncio.gather(*(verifier.verify(tokens[i % 5]) for i in range(100)))
+        assert {r.sub for r in results} == {"user-1"}
+        for _ in range(10):
+            await asyncio.sleep(0)  # let the background fetch reach the issuer
+        # All of them were answered while the one revalidation is still hanging (it ends only by failing).
+        assert len(fake.jwks_requests) == 2
+        assert verifier.jwks.stats.failures == 0
+    await verifier.aclose()  # cancels the hanging fetch; no task is left pending
+    assert verifier.jwks._inflight is None
+    assert verifier.jwks.stats.failures == 0
+
+
+async def test_a_fresh_set_never_waits_for_a_fetch_in_flight(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+) -> None:
+    cache = cache_for(http, clock, fetch_timeout=0.2)
+    known = kid_of(private_key(0))
+    await cache.get_key(known)
+    fake.gate = asyncio.Event()
+    clock.advance(30)  # still fresh, past the unknown-kid cooldown: a forged kid starts a (hanging) refetch
+    forged = asyncio.create_task(cache.get_key("forged"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(fake.jwks_requests) == 2
+    assert not forged.done()  # the unknown kid does wait for the refetch
+    assert (await cache.get_key(known)).kid == known  # the known one does not
+    assert not forged.done()
+    assert cache.stats.failures == 0
+    with pytest.raises(UnknownKey):
+        await forged  # the refetch times out; the cached set stays
+    assert cache.stats.failures == 1
+    await cache.aclose()
+
+
+async def test_a_background_revalidation_installs_the_new_set(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+) -> None:
+    cache = cache_for(http, clock)
+    old, new = kid_of(private_key(0)), kid_of(private_key(1))
+    await cache.get_key(old)
+    fake.keys = [public_jwk(private_key(0)), public_jwk(private_key(1))]
+    clock.advance(300)
+    assert (await cache.get_key(old)).kid == old  # stale: answered from the cache, revalidation started
+    assert cache.peek(new) is None
+    await settle(cache)
+    assert cache.kids == {old, new}
+    assert cache.peek(new) is not None  # fresh again: the synchronous hot path sees the new key
+    assert (await cache.get_key(new)).kid == new
+    assert len(fake.jwks_requests) == 2
+    assert cache.stats.unknown_kid_refetches == 0
+    await cache.aclose()
+
+
+async def test_a_revoked_kid_is_refused_once_the_background_revalidation_completes(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+) -> None:
+    verifier = verifier_for(http, clock)
+    await verifier.verify(mint(clock))
+    fake.keys = [public_jwk(private_key(1))]  # `issuer keys revoke`: key 0 leaves the JWKS, key 1 signs
+    clock.advance(300)
+    token = mint(clock)
+    assert (await verifier.verify(token)).sub == "user-1"  # the stale set still had it (at most once per fetch)
+    await settle(verifier.jwks)
+    for _ in range(3):
+        with pytest.raises(UnknownKey):
+            await verifier.verify(token)
+    assert (await verifier.verify(mint(clock, private_key(1)))).sub == "user-1"
+    assert len(fake.jwks_requests) == 2
+
+
+async def test_an_unknown_kid_on_a_stale_set_waits_for_the_refetch(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+) -> None:
+    cache = cache_for(http, clock, fetch_timeout=2)
+    old, new = kid_of(private_key(0)), kid_of(private_key(1))
+    await cache.get_key(old)
+    fake.keys = [public_jwk(private_key(0)), public_jwk(private_key(1))]
+    fake.gate = asyncio.Event()
+    clock.advance(300)
+    waiting = [asyncio.create_task(cache.get_key(new)) for _ in range(20)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    assert (await cache.get_key(old)).kid == old  # meanwhile the known kid is answered at once...
+    assert cache.stats.failures == 0  # ...not after the held fetch timed out
+    fake.gate.set()
+    assert {(await task).kid for task in waiting} == {new}
+    assert len(fake.jwks_requests) == 2
+    assert cache.stats.unknown_kid_refetches == 0  # a scheduled refetch, shared by all
+    await cache.aclose()
+
+
+async def test_past_the_stale_limit_a_hanging_issuer_fails_closed(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+) -> None:
+    verifier = verifier_for(http, clock, stale_limit=60, fetch_timeout=0.2)
+    await verifier.verify(mint(clock))
+    fake.gate = asyncio.Event()
+    clock.advance(300 + 60)
+    outcomes = await asyncio.gather(*(verifier.verify(mint(clock)) for _ in range(20)), return_exceptions=True)
+    assert all(isinstance(o, KeysUnavailable) for o in outcomes), outcomes[:3]
+    assert len(fake.jwks_requests) == 2  # they all waited for the one fetch, which timed out
+    assert verifier.jwks.stats.failures == 1
+    with pytest.raises(KeysUnavailable, match="stale limit"):  # within the back-off: refused at once
+        await verifier.verify(mint(clock))
+    assert len(fake.jwks_requests) == 2
+    await verifier.aclose()
+
+
 # ---------------------------------------------------------------- discovery
 
 
@@ -501,6 +726,7 @@ async def test_discovery_reads_the_metadata_once(fake: FakeIssuer, http: httpx.A
     await verifier.verify(mint(clock))
     clock.advance(300)
     await verifier.verify(mint(clock))
+    await settle(verifier.jwks)
     assert len(fake.metadata_requests) == 1
     assert [str(r.url) for r in fake.jwks_requests] == ["https://keys.issuer.test/jwks"] * 2
     assert verifier.jwks.jwks_uri == "https://keys.issuer.test/jwks"

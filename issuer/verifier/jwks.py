@@ -2,17 +2,22 @@
 
 The rules (constructor defaults in parentheses):
 
-- A fetched key set is fresh for the response's ``Cache-Control: max-age`` minus its ``Age``, clamped to
-  ``[min_ttl, max_ttl]`` (30 s .. 24 h), or ``default_ttl`` (300 s) without a max-age. ``no-cache`` and
-  ``no-store`` count as ``min_ttl``: a verifier that refetched per request would be the issuer's load test.
-- A stale set is revalidated with ``If-None-Match``; a 304 makes it fresh again.
+- A fetched key set is fresh for the response's ``Cache-Control: max-age`` minus its ``Age``, counted from when
+  the request was sent and capped at ``max_ttl`` (24 h), or ``default_ttl`` (300 s) without a max-age. The issuer's
+  key lifecycle relies on its max-age being honoured (a new key signs one max-age after it is published), so the
+  only floor is ``min_ttl`` (1 s), and it exists for ``max-age=0``, ``no-cache`` and ``no-store`` alone: a verifier
+  that refetched per request would be the issuer's load test.
+- A stale set is revalidated with ``If-None-Match``; a 304 makes it fresh again. Stale-while-revalidate: a ``kid``
+  in a stale set (within ``stale_limit``) is answered from the cache at once while the revalidation runs in the
+  background, so a slow or hanging issuer never holds up a request whose key we have.
 - A ``kid`` missing from a fresh set triggers one refetch, and only if no fetch was attempted in the last
   ``unknown_kid_cooldown`` (30 s): a flood of forged kids costs the issuer one request per cooldown.
 - A failed fetch (network error, timeout, non-200/304, not JSON, no ``keys`` list, no usable key, body over
   ``max_response_bytes``) keeps the cached set and is retried no sooner than ``failure_backoff`` (10 s).
   Cached keys stay usable for ``stale_limit`` (1 h) past their freshness; after that every lookup fails
   closed with :class:`KeysUnavailable`.
-- One fetch at a time: concurrent callers await the same one.
+- One fetch at a time. Only lookups that need its result wait for it (nothing cached, a ``kid`` not in the set,
+  a set past the stale limit), and they share it.
 - Only ``kty`` RSA keys with a ``kid``, ``use`` sig (or absent), ``alg`` RS256 (or absent) and a modulus of
   2048..16384 bits are kept; only ``n`` and ``e`` are read. An entry that carries private members is skipped:
   a private key that has been published proves nothing. Unusable entries are skipped, not fatal.
@@ -74,7 +79,7 @@ class JWKSCache:
         http_client: httpx.AsyncClient | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         default_ttl: float = 300.0,
-        min_ttl: float = 30.0,
+        min_ttl: float = 1.0,
         max_ttl: float = 86400.0,
         unknown_kid_cooldown: float = 30.0,
         failure_backoff: float = 10.0,
@@ -136,16 +141,23 @@ class JWKSCache:
     async def get_key(self, kid: str) -> RSAKey:
         """The key for ``kid``, fetching when the rules above allow.
 
-        Raises :class:`UnknownKey` when the set (fresh, or stale within the limit) has no such kid, and
-        :class:`KeysUnavailable` when there is no usable set at all.
+        A known kid in a fresh set, or in a stale one within the stale limit, is returned without waiting for any
+        fetch; a stale set starts its revalidation in the background. Only a lookup that needs a fetch's result
+        awaits it. Raises :class:`UnknownKey` when the set (fresh, or stale within the limit) has no such kid,
+        and :class:`KeysUnavailable` when there is no usable set at all.
         """
-        if self._inflight is not None:
-            await asyncio.shield(self._inflight)
         now = self._monotonic()
-        if now >= self._fresh_until:
+        key = self._keys.get(kid)
+        if key is not None and now < self._usable_until:
+            if now >= self._fresh_until and now >= self._next_attempt and not self._closed:
+                self._start_fetch()  # not awaited: the task never raises, and aclose() cancels it
+            return key
+        if self._inflight is not None:
+            await asyncio.shield(self._inflight)  # its result may be what we lack, and joining it costs no request
+        elif now >= self._fresh_until:
             if now >= self._next_attempt:
                 await self.refresh()
-        elif kid not in self._keys and self._may_refetch_for_unknown_kid(now):
+        elif self._may_refetch_for_unknown_kid(now):
             self.stats.unknown_kid_refetches += 1
             await self.refresh()
         return self._usable_key(kid)
@@ -177,9 +189,18 @@ class JWKSCache:
 
         Call it at start-up to warm the cache; request paths go through :meth:`get_key`, which rate-limits.
         """
+        return await asyncio.shield(self._start_fetch())
+
+    def _start_fetch(self) -> asyncio.Task[bool]:
+        """The fetch in flight, or a new one (single flight).
+
+        ``_inflight`` holds the task until it ends, so it cannot be garbage-collected while pending; it never
+        raises (see :meth:`_fetch`), so a background fetch nobody awaits leaves no unretrieved exception.
+        """
         if self._inflight is None:
+            self._last_attempt = self._monotonic()
             self._inflight = asyncio.get_running_loop().create_task(self._fetch(), name="jwks-fetch")
-        return await asyncio.shield(self._inflight)
+        return self._inflight
 
     async def aclose(self) -> None:
         """Stop a fetch in flight and close the HTTP client if this cache created it. Idempotent."""
@@ -194,7 +215,6 @@ class JWKSCache:
             self._http = None
 
     async def _fetch(self) -> bool:
-        self._last_attempt = self._monotonic()
         try:
             async with asyncio.timeout(self.fetch_timeout):
                 uri = self._jwks_uri or await self._discover()
@@ -257,10 +277,10 @@ class JWKSCache:
         else:
             raise JWKSFetchError(f"JWKS answered HTTP {status}")
         ttl = cache_lifetime(response_headers, default=self.default_ttl, minimum=self.min_ttl, maximum=self.max_ttl)
-        now = self._monotonic()
-        self._fresh_until = now + ttl
+        # Counted from the request (RFC 9111 4.2.3): time spent waiting for the answer is part of its age.
+        self._fresh_until = self._last_attempt + ttl
         self._usable_until = self._fresh_until + self.stale_limit
-        self._next_attempt = now
+        self._next_attempt = self._monotonic()
         self.stats.last_error = None
 
     async def _get(self, url: str, headers: dict[str, str]) -> tuple[int, httpx.Headers, bytes]:
@@ -290,7 +310,10 @@ class JWKSCache:
 
 
 def cache_lifetime(headers: httpx.Headers, *, default: float, minimum: float, maximum: float) -> float:
-    """Seconds a response may be used: ``max-age`` minus ``Age``, or ``default``; clamped to the bounds."""
+    """Seconds a response may be used: ``max-age`` minus ``Age``, or ``default``; clamped to the bounds.
+
+    ``no-cache`` and ``no-store`` count as ``minimum``, which callers keep small: it only stops per-request fetching.
+    """
     directives: dict[str, str] = {}
     for value in headers.get_list("cache-control", split_commas=True):
         name, _, argument = value.strip().partition("=")
