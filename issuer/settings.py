@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 import secrets
@@ -108,8 +109,8 @@ class Settings:
             access_log=_bool(env, "ACCESS_LOG", False),
             log_refreshes=_bool(env, "LOG_REFRESHES", False),
             cleanup_retention=_int(env, "CLEANUP_RETENTION", 604800, minimum=0),
-            allowed_origins=_csv(env, "ALLOWED_ORIGINS"),
-            trusted_proxies=_csv(env, "TRUSTED_PROXIES"),
+            allowed_origins=_origins(env, "ALLOWED_ORIGINS"),
+            trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
             kek=kek,
             kek_is_dev=kek_is_dev,
             argon2=Argon2Params(
@@ -142,8 +143,8 @@ class Settings:
 
     @property
     def issuer_origin(self) -> str:
-        parts = urlsplit(self.issuer_url)
-        return f"{parts.scheme}://{parts.netloc}"
+        """The issuer's origin as a browser sends it in ``Origin`` (lower case, no default port)."""
+        return serialize_origin(self.issuer_url)
 
 
 def _raw(env: Mapping[str, str], name: str) -> str | None:
@@ -187,14 +188,68 @@ def _csv(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     value = _raw(env, name)
     if value is None:
         return ()
-    return tuple(item.strip().rstrip("/") for item in value.split(",") if item.strip())
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def serialize_origin(url: str) -> str:
+    """``scheme://host[:port]`` as browsers serialize an origin (RFC 6454): lower case, no default port.
+
+    Raises ValueError for anything that is not an http(s) URL with a host and no user info."""
+    if any(c.isspace() for c in url):
+        raise ValueError("contains whitespace")
+    parts = urlsplit(url)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc:
+        raise ValueError("not an http(s) URL with a host and no user info")
+    port = parts.port  # raises ValueError for a port that is not a number in range
+    host = parts.hostname  # lower case, without IPv6 brackets
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + ("" if port in (None, _DEFAULT_PORTS[parts.scheme]) else f":{port}")
+
+
+def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Exact browser origins. ``*`` and ``null`` are refused: the cookie endpoints allow credentials, and
+    ``null`` is the origin of sandboxed frames and local files, which anyone can open."""
+    origins: list[str] = []
+    for item in _csv(env, name):
+        candidate = item.rstrip("/")
+        parts = urlsplit(candidate)
+        try:
+            origin = serialize_origin(candidate)
+        except ValueError:
+            origin = None
+        if origin is None or parts.path or parts.query or parts.fragment:
+            raise ConfigError(f"{name}: {item!r} is not an origin (scheme://host[:port]; no '*', 'null' or path)")
+        origins.append(origin)
+    return tuple(origins)
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """IP addresses or CIDR networks; anything else stops start-up (silently skipping a mistyped entry
+    would make every client look like the proxy, sharing one rate-limit bucket)."""
+    for item in _csv(env, name):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR network (comma-separated)") from None
+    return _csv(env, name)
 
 
 def _issuer_url(env: Mapping[str, str]) -> str:
     value = _nonempty(env, "ISSUER_URL", "http://127.0.0.1:8000")
     parts = urlsplit(value)
-    if parts.scheme not in {"http", "https"} or not parts.netloc or parts.query or parts.fragment:
-        raise ConfigError(f"ISSUER_URL: {value!r} is not an http(s) URL without query or fragment")
+    try:
+        serialize_origin(value)
+        usable = not parts.query and not parts.fragment
+    except ValueError:
+        usable = False
+    if not usable:
+        raise ConfigError(
+            f"ISSUER_URL: {value!r} is not an http(s) URL with a host, without user info, query or fragment"
+        )
     return value.rstrip("/")
 
 

@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from starlette.requests import Request
 
+from issuer.errors import Forbidden
+from issuer.http import check_origin
 from issuer.settings import ConfigError, Settings
 
 
@@ -22,6 +25,28 @@ KEK_RAW = secrets.token_bytes(32)
 KEK = b64url(KEK_RAW)
 # 32 bytes whose standard base64 is full of '+' and '/', characters base64url does not have.
 STANDARD_ALPHABET_KEK = base64.b64encode(b"\xfb\xff\xbf" * 10 + b"\xfb\xff").decode().rstrip("=")
+
+
+def test_origins_are_compared_as_browsers_send_them(dev_kek_path: Path) -> None:
+    """A browser's Origin is lower case without a default port: ISSUER_URL and ALLOWED_ORIGINS written
+    otherwise must still match it, or the issuer would refuse its own pages."""
+    settings = Settings.from_environ(
+        {
+            "ISSUER_URL": "https://Issuer.Example.com:443",
+            "ISSUER_KEK": KEK,
+            "ALLOWED_ORIGINS": "HTTPS://App.Example:443/, http://[::1]:8080, http://localhost:80",
+            "TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7, 2001:db8::/32",
+        },
+        dev_kek_path=dev_kek_path,
+    )
+    assert settings.issuer_url == "https://Issuer.Example.com:443"  # the iss claim stays exactly as given
+    assert settings.issuer_origin == "https://issuer.example.com"
+    assert settings.allowed_origins == ("https://app.example", "http://[::1]:8080", "http://localhost")
+    assert settings.trusted_proxies == ("10.0.0.0/8", "192.0.2.7", "2001:db8::/32")
+    for origin in ("https://issuer.example.com", "https://app.example", "http://[::1]:8080"):
+        check_origin(Request({"type": "http", "headers": [(b"origin", origin.encode())]}), settings)
+    with pytest.raises(Forbidden):
+        check_origin(Request({"type": "http", "headers": [(b"origin", b"https://issuer.example.com:8443")]}), settings)
 
 
 @pytest.fixture
@@ -125,6 +150,17 @@ def test_explicit_values_are_read(tmp_path: Path, dev_kek_path: Path) -> None:
         pytest.param({"ISSUER_URL": "https://issuer.example.com"}, "ISSUER_KEK", id="https-with-dev-kek"),
         pytest.param({"ISSUER_URL": "HTTPS://issuer.example.com"}, "ISSUER_KEK", id="upper-https-with-dev-kek"),
         pytest.param({"ISSUER_URL": "Https://issuer.example.com"}, "ISSUER_KEK", id="mixed-https-with-dev-kek"),
+        pytest.param({"ISSUER_URL": "http://user:pw@issuer.example.com"}, "ISSUER_URL", id="issuer-user-info"),
+        pytest.param({"ISSUER_URL": "http://issuer.exa mple.com"}, "ISSUER_URL", id="issuer-space"),
+        pytest.param({"ISSUER_URL": "http://issuer.example.com:99999"}, "ISSUER_URL", id="issuer-port-range"),
+        pytest.param({"ALLOWED_ORIGINS": "*"}, "ALLOWED_ORIGINS", id="origins-wildcard"),
+        pytest.param({"ALLOWED_ORIGINS": "https://app.example, null"}, "ALLOWED_ORIGINS", id="origins-null"),
+        pytest.param({"ALLOWED_ORIGINS": "https://app.example/login"}, "ALLOWED_ORIGINS", id="origins-path"),
+        pytest.param({"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS", id="origins-no-scheme"),
+        pytest.param({"ALLOWED_ORIGINS": "https://u@app.example"}, "ALLOWED_ORIGINS", id="origins-user-info"),
+        pytest.param({"TRUSTED_PROXIES": "10.0.0.0/8 192.168.0.0/16"}, "TRUSTED_PROXIES", id="proxies-spaces"),
+        pytest.param({"TRUSTED_PROXIES": "10.0.0.1, garbage"}, "TRUSTED_PROXIES", id="proxies-garbage"),
+        pytest.param({"TRUSTED_PROXIES": "10.0.0.0/33"}, "TRUSTED_PROXIES", id="proxies-bad-prefix"),
         pytest.param({"COOKIE_SECURE": "maybe"}, "COOKIE_SECURE", id="cookie-secure-maybe"),
         pytest.param({"COOKIE_SECURE": "2"}, "COOKIE_SECURE", id="cookie-secure-2"),
         pytest.param({"JWKS_MAX_AGE": "300", "KEY_PUBLISH_LEAD": "299"}, "KEY_PUBLISH_LEAD", id="lead-below-max-age"),
