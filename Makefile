@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-HOST   ?= 127.0.0.1
-PORT   ?= 8000
+# Set on the command line (`make run HOST=0.0.0.0`), never taken from the environment: tcsh exports HOST
+# (the machine's name) and many platforms export PORT, which would quietly expose the development server.
+HOST   := 127.0.0.1
+PORT   := 8000
 
 .PHONY: install run test bench lint format clean
 

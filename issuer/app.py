@@ -94,7 +94,11 @@ def create_app(
         },
     )
     # Starlette's constructor builds a plain Router; ours finds fixed paths by lookup (see issuer.routing).
-    app.router = StaticPathRouter([*auth.routes, *wellknown.routes, *health.routes], lifespan=lifespan)
+    # No trailing-slash redirects: behind a TLS proxy they would point at http:// and at whatever Host the
+    # client sent, and a client that follows a 307 would resend the password there.
+    app.router = StaticPathRouter(
+        [*auth.routes, *wellknown.routes, *health.routes], lifespan=lifespan, redirect_slashes=False
+    )
     app.state.services = services
     app.state.metadata = wellknown.metadata_document(settings)
     # Innermost first: the well-known documents are answered inside CORS and the security headers.

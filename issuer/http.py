@@ -6,7 +6,7 @@ import ipaddress
 import json
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from issuer.errors import BodyTooLarge, Forbidden, InvalidRequest
 from issuer.settings import Settings
@@ -25,11 +25,16 @@ async def read_body(request: Request) -> bytes:
             raise InvalidRequest("Content-Length is not a number.") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise BodyTooLarge(f"The request body must be at most {MAX_BODY_BYTES} bytes.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise BodyTooLarge(f"The request body must be at most {MAX_BODY_BYTES} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Nobody will read the answer; a 400 keeps it out of the error log (a 500 with a traceback per
+        # half-sent request would let anyone flood the log and the 5xx alerts).
+        raise InvalidRequest("The client closed the connection before sending the whole body.") from None
     return b"".join(chunks)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import func, select
+from starlette.types import Message
 
 from issuer.db import families, refresh_tokens, users
 from tests.conftest import IssuerHarness
@@ -287,6 +289,59 @@ async def test_missing_fields(
 ) -> None:
     await assert_rejected_without_writes(issuer, client, endpoint, seed, json_body=body)
     await assert_seed_intact(client, seed)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/auth/login/"), ("POST", "/auth/refresh/"), ("GET", "/auth/me/"), ("GET", "/.well-known/jwks.json/")],
+)
+async def test_a_trailing_slash_is_not_found_never_a_redirect(
+    client: httpx.AsyncClient, method: str, path: str
+) -> None:
+    """Starlette's default would answer 307 to http://<the client's Host>/auth/login: behind a TLS proxy a
+    client that follows it resends the password in clear text, to whatever host the request named."""
+    body = {"email": "alice@example.com", "password": "correct horse battery staple"}
+    response = await client.request(method, path, json=body, headers={"Host": "evil.example"})
+    assert_error(response, 404, "not_found")
+    assert "location" not in response.headers
+
+
+async def test_a_client_that_disconnects_mid_body_is_a_quiet_400(
+    issuer: IssuerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Headers announce 100 bytes, one arrives, the socket closes: no 500 and no traceback in the log."""
+    messages: list[Message] = [
+        {"type": "http.request", "body": b"{", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/auth/login",
+        "raw_path": b"/auth/login",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("192.0.2.1", 40000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    await issuer.app(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 400
+    assert b"invalid_request" in b"".join(m.get("body", b"") for m in sent[1:])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
 
 
 async def test_unknown_token_transport(issuer: IssuerHarness, client: httpx.AsyncClient, seed: Seed) -> None:
