@@ -38,7 +38,9 @@ class JsonFormatter(logging.Formatter):
             entry[name] = value if isinstance(value, str | int | float | bool | type(None)) else str(value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        # ASCII only: a client's user agent or email may hold U+0085, U+2028 or U+2029, which some log
+        # readers (Python's splitlines among them) take for line breaks, splitting one entry in two.
+        return json.dumps(entry, ensure_ascii=True)
 
 
 def uvicorn_log_config(level: str = "INFO") -> dict[str, Any]:

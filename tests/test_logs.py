@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
@@ -9,6 +10,7 @@ from http.cookies import SimpleCookie
 import httpx
 import pytest
 
+from issuer.logs import JsonFormatter
 from issuer.settings import encode_kek
 from tests.conftest import IssuerHarness
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
@@ -162,3 +164,14 @@ async def test_no_secrets_in_logs(
     for where, text in haystacks.items():
         for name, secret in secrets_.items():
             assert secret not in text, f"{name} appears in {where}"
+
+
+@pytest.mark.parametrize("separator", ["\u0085", "\u2028", "\u2029", "\n", "\r"])
+def test_a_log_entry_is_one_line_whatever_the_client_sent(separator: str) -> None:
+    """User agents and emails come from clients: no character in them may split an entry into two lines."""
+    formatter = JsonFormatter()
+    record = logging.LogRecord("issuer.audit", logging.INFO, __file__, 1, "login failed", (), None)
+    record.user_agent = f'evil{separator}{{"event": "login", "user_id": "admin"}}'
+    line = formatter.format(record)
+    assert line.splitlines() == [line]
+    assert json.loads(line)["user_agent"] == record.user_agent
