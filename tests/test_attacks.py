@@ -36,6 +36,7 @@ from issuer.verifier import (
 )
 from tests.conftest import IssuerHarness
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.verifier_support import DELETE, changed
 
 # What the issuer's own endpoints require on top of the verifier's defaults (issuer/bearer.py).
 BEARER_REQUIRED = ("iss", "aud", "sub", "exp", "iat", "jti", "sid", "tokenVersion")
@@ -110,10 +111,10 @@ class Forge:
         return private
 
     def header(self, **changes: Any) -> dict[str, Any]:
-        return _changed({"alg": "RS256", "typ": "at+jwt", "kid": self.kid}, changes)
+        return changed({"alg": "RS256", "typ": "at+jwt", "kid": self.kid}, changes)
 
     def payload(self, **changes: Any) -> dict[str, Any]:
-        return _changed(self.claims, changes)
+        return changed(self.claims, changes)
 
     def sign(self, header: dict[str, Any] | None = None, payload: dict[str, Any] | bytes | None = None) -> str:
         """Validly signed by the issuer's own key: only the property under test is wrong."""
@@ -132,19 +133,6 @@ class Forge:
             leeway=self.settings.clock_leeway,
             **extra,
         )
-
-
-_DELETE = object()
-
-
-def _changed(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    result = dict(base)
-    for name, value in changes.items():
-        if value is _DELETE:
-            result.pop(name, None)
-        else:
-            result[name] = value
-    return result
 
 
 @pytest.fixture
@@ -269,7 +257,7 @@ ATTACKS: list[Any] = [
     pytest.param(lambda f: _swap_header(f, alg=["RS256"]), UnsupportedAlgorithm, id="alg-list"),
     # keys
     pytest.param(lambda f: f.sign(f.header(kid="not-a-published-kid")), UnknownKey, id="unknown-kid"),
-    pytest.param(lambda f: f.sign(f.header(kid=_DELETE)), UnknownKey, id="no-kid"),
+    pytest.param(lambda f: f.sign(f.header(kid=DELETE)), UnknownKey, id="no-kid"),
     pytest.param(lambda f: f.sign(f.header(kid=7)), UnknownKey, id="kid-not-a-string"),
     pytest.param(
         lambda f: rsa_signed(f.header(kid=_attacker_kid()), f.claims, _ATTACKER_KEY),
@@ -309,7 +297,7 @@ ATTACKS: list[Any] = [
     pytest.param(lambda f: f.sign(payload=f.payload(aud=["another-api"])), WrongAudience, id="aud-list-without-us"),
     pytest.param(lambda f: f.sign(f.header(typ="JWT")), WrongType, id="typ-JWT"),
     pytest.param(lambda f: f.sign(f.header(typ="jwt")), WrongType, id="typ-jwt"),
-    pytest.param(lambda f: f.sign(f.header(typ=_DELETE)), WrongType, id="typ-missing"),
+    pytest.param(lambda f: f.sign(f.header(typ=DELETE)), WrongType, id="typ-missing"),
     pytest.param(lambda f: f.sign(f.header(typ="dpop+jwt")), WrongType, id="typ-other"),
     pytest.param(
         lambda f: f.sign(payload=f.payload(iat=f.now + f.settings.clock_leeway + 60, exp=f.now + 3600)),
@@ -327,7 +315,7 @@ ATTACKS: list[Any] = [
         id="expired",
     ),
     *[
-        pytest.param(lambda f, name=name: f.sign(payload=f.payload(**{name: _DELETE})), InvalidClaims, id=f"no-{name}")
+        pytest.param(lambda f, name=name: f.sign(payload=f.payload(**{name: DELETE})), InvalidClaims, id=f"no-{name}")
         for name in ("iss", "aud", "sub", "exp", "iat", "jti")
     ],
     pytest.param(lambda f: f.sign(payload=f.payload(sub=12345)), InvalidClaims, id="sub-not-a-string"),
@@ -373,8 +361,8 @@ async def test_attack_is_refused(
 @pytest.mark.parametrize(
     "change",
     [
-        pytest.param({"sid": _DELETE}, id="no-sid"),
-        pytest.param({"tokenVersion": _DELETE}, id="no-tokenVersion"),
+        pytest.param({"sid": DELETE}, id="no-sid"),
+        pytest.param({"tokenVersion": DELETE}, id="no-tokenVersion"),
         pytest.param({"tokenVersion": "0"}, id="tokenVersion-string"),
         pytest.param({"tokenVersion": False}, id="tokenVersion-bool"),
         pytest.param({"tokenVersion": 0.0}, id="tokenVersion-float"),
@@ -387,7 +375,7 @@ async def test_issuer_checks_its_own_claims(forge: Forge, client: httpx.AsyncCli
     token = forge.sign(payload=forge.payload(**change))
     response = await client.get("/auth/me", headers=bearer(token))
     assert_invalid_token(response)
-    if any(value is _DELETE for value in change.values()):
+    if any(value is DELETE for value in change.values()):
         with pytest.raises(InvalidClaims):
             forge.verify(token, required=BEARER_REQUIRED)
 

@@ -49,6 +49,7 @@ from tests.verifier_support import (
     SimClock,
     b64url,
     b64url_json,
+    changed,
     claims_for,
     header_for,
     kid_of,
@@ -77,13 +78,7 @@ class Forge:
         return header_for(self.key, **changes)
 
     def payload(self, **changes: Any) -> dict[str, Any]:
-        result = dict(self.claims)
-        for name, value in changes.items():
-            if value is DELETE:
-                result.pop(name, None)
-            else:
-                result[name] = value
-        return result
+        return changed(self.claims, changes)
 
     def sign(self, header: dict[str, Any] | None = None, payload: dict[str, Any] | bytes | None = None) -> str:
         """Validly signed by the real key: only the property under test is wrong."""

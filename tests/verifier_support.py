@@ -97,25 +97,26 @@ def claims_for(clock: SimClock, ttl: int = 900, **changes: Any) -> dict[str, Any
         "email": "alice@example.com",
         "role": "user",
     }
-    for name, value in changes.items():
-        if value is DELETE:
-            claims.pop(name, None)
-        else:
-            claims[name] = value
-    return claims
+    return changed(claims, changes)
 
 
+# A change that removes the member instead of setting it.
 DELETE: Any = object()
 
 
-def header_for(key: rsa.RSAPrivateKey, **changes: Any) -> dict[str, Any]:
-    header: dict[str, Any] = {"alg": "RS256", "typ": "at+jwt", "kid": kid_of(key)}
+def changed(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``changes`` applied; a value of ``DELETE`` removes that member."""
+    result = dict(base)
     for name, value in changes.items():
         if value is DELETE:
-            header.pop(name, None)
+            result.pop(name, None)
         else:
-            header[name] = value
-    return header
+            result[name] = value
+    return result
+
+
+def header_for(key: rsa.RSAPrivateKey, **changes: Any) -> dict[str, Any]:
+    return changed({"alg": "RS256", "typ": "at+jwt", "kid": kid_of(key)}, changes)
 
 
 def sign(header: Mapping[str, Any], payload: Mapping[str, Any] | bytes, key: rsa.RSAPrivateKey) -> str:
