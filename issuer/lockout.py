@@ -13,7 +13,9 @@ the first failure was recorded.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -100,6 +102,14 @@ class LoginLockout:
             lock = self._policy.lock_for(failures)
             if lock is not None:
                 await conn.execute(update(table).where(table.c.email == email).values(locked_until=now + lock))
+
+    @contextlib.asynccontextmanager
+    async def guard(self, email: str, now: datetime) -> AsyncIterator[None]:
+        """Around one password check of ``email`` (login, account deletion): count the attempt first (429
+        while locked), and clear the count only if the block ends without an exception."""
+        await self.begin_attempt(email, now)
+        yield
+        await self.record_success(email)
 
     async def refusal(self, email: str, now: datetime) -> TooManyRequests:
         """The 429 for an attempt that ``hotpath.begin_login`` found locked (its lock read afterwards)."""

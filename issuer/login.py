@@ -69,9 +69,8 @@ class PasswordLogin:
         return LoggedIn(user, issued, now)
 
     async def _step_by_step(self, email: str, password: str, *, user_agent: str | None, ip: str | None) -> LoggedIn:
-        await self._lockout.begin_attempt(email, self._clock())
-        user = await self._accounts.authenticate(email, password)
-        await self._lockout.record_success(email)
+        async with self._lockout.guard(email, self._clock()):
+            user = await self._accounts.authenticate(email, password)
         now = self._clock()
         try:
             refresh = await self._families.start(user, now=now, user_agent=user_agent, ip=ip)

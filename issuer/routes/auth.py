@@ -239,15 +239,13 @@ async def delete_account(request: Request) -> Response:
     ip = await throttle_ip(svc, request, "account")
     data = await read_json_object(request)
     password = check_password_shape(data["password"], new=False) if "password" in data else _missing("password")
-    email = caller.user.email
     try:
-        await svc.lockout.begin_attempt(email, svc.clock())
+        async with svc.lockout.guard(caller.user.email, svc.clock()):
+            await svc.accounts.delete(caller.user, password)  # a wrong password leaves the attempt counted
     except TooManyRequests:
         svc.metrics.throttled.labels("account", "account").inc()
         log.info("account deletion refused: account locked", extra={"event": "account_delete_locked", "ip": ip})
         raise
-    await svc.accounts.delete(caller.user, password)  # a wrong password leaves the attempt counted
-    await svc.lockout.record_success(email)
     log.info("account deleted", extra={"event": "account_deleted", "user_id": caller.user.id, "ip": ip})
     response = Response(status_code=204, headers=NO_STORE)
     _clear_cookie(response, svc)
