@@ -11,13 +11,13 @@ from typing import Any
 
 import httpx
 import jwt as pyjwt
-from argon2 import PasswordHasher, Type
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 from joserfc.util import urlsafe_b64decode
 
+from issuer.passwords import argon2id
 from issuer.settings import Argon2Params
 from issuer.verifier import AccessTokenVerifier, JWKSCache
 
@@ -96,9 +96,7 @@ def _our_verifier(public: RSAKey, token: str) -> Callable[[], Any]:
 
 def argon2_bound(params: Argon2Params, seconds: float) -> tuple[float, int]:
     """argon2id verifications per second with the configured parameters on every core (the login ceiling)."""
-    hasher = PasswordHasher(
-        time_cost=params.time_cost, memory_cost=params.memory_cost_kib, parallelism=params.parallelism, type=Type.ID
-    )
+    hasher = argon2id(params)
     stored = hasher.hash("correct horse battery staple")
     threads = os.cpu_count() or 1
     deadline = time.perf_counter() + seconds

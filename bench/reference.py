@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-from argon2 import PasswordHasher, Type
 from argon2.exceptions import VerificationError
 from joserfc import jwt
 from joserfc.jwk import RSAKey
@@ -36,6 +35,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from issuer.hotpath import ROTATE_SQL, START_FAMILY_SQL
+from issuer.passwords import argon2id
 from issuer.settings import Settings
 
 
@@ -101,10 +101,7 @@ async def refresh(request: Request) -> JSONResponse:
     return JSONResponse({"access_token": access, "token_type": "Bearer", "expires_in": 900, "refresh_token": successor})
 
 
-_ARGON2 = Settings.from_environ(os.environ).argon2
-HASHER = PasswordHasher(
-    time_cost=_ARGON2.time_cost, memory_cost=_ARGON2.memory_cost_kib, parallelism=_ARGON2.parallelism, type=Type.ID
-)
+HASHER = argon2id(Settings.from_environ(os.environ).argon2)
 HASHING = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)  # as the issuer: one hash per core at a time
 USER_SQL = "SELECT id, email, password_hash, role, token_version FROM users WHERE email = $1"
 
