@@ -17,8 +17,8 @@ import secrets
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +44,7 @@ LOGIN_CONNECTIONS, LOGIN_ACCOUNTS = 8, 16
 ARGON2_SECONDS = 4
 # Past sessions in the tables before the first figure (see Bench.add_history).
 HISTORY_FAMILIES = 20_000
+REFERENCE = "bench.reference:reference"
 ADMIN_DSN = os.environ.get("BENCH_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -60,12 +61,21 @@ class Row:
     def ratio(self) -> float:
         return self.result["rps"] / self.baseline["rps"] if self.baseline["rps"] else 0.0
 
+    @property
+    def round_ratios(self) -> list[float]:
+        """The ratio in each round, when the figure and its baseline were taken in turn (``wrk.interleaved``)."""
+        ours, theirs = self.result.get("rounds_rps", []), self.baseline.get("rounds_rps", [])
+        if len(ours) < 2 or len(ours) != len(theirs):
+            return []
+        return [a / b if b else 0.0 for a, b in zip(ours, theirs, strict=True)]
+
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.result,
             "what": self.what,
             "baseline": {"name": self.baseline_name, **self.baseline},
             "ratio": round(self.ratio, 3),
+            "round_ratios": [round(ratio, 3) for ratio in self.round_ratios],
             "target": self.target,
             "meets_target": None if self.target is None else self.meets_target,
         }
@@ -76,8 +86,9 @@ class Row:
 
 
 class Bench:
-    def __init__(self, seconds: int, warmup: int, connections: int) -> None:
-        self.seconds, self.warmup, self.connections = seconds, warmup, connections
+    def __init__(self, seconds: int, rounds: int, warmup: int, connections: int) -> None:
+        self.seconds, self.rounds, self.warmup, self.connections = seconds, rounds, warmup, connections
+        self.figures: dict[str, dict[str, Any]] = {}  # every measured load figure, by label (see cpu_table)
         self.work = Path(tempfile.mkdtemp(prefix="issuer-bench-"))
         self.log = self.work / "servers.log"
         self.db = f"issuer_bench_{secrets.token_hex(4)}"
@@ -132,8 +143,6 @@ class Bench:
         )
 
     def vacuum(self) -> None:
-        """Every refresh leaves dead rows behind: start each refresh figure from the same clean state, so
-        that the order of the figures (and autovacuum's timing) does not favour whichever runs first."""
         _execute(self.pg_dsn, "VACUUM ANALYZE")
 
     def seed_refresh_tokens(self, count: int) -> Path:
@@ -162,64 +171,96 @@ class Bench:
     # ------------------------------------------------------------ servers
 
     @contextmanager
-    def issuer(self, workers: int) -> Iterator[str]:
+    def issuer(self, workers: int) -> Iterator[Server]:
         port = servers.free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**self.env, "ISSUER_URL": url}
-        with servers.serving(servers.issuer_command(port, workers), env, f"{url}/readyz", self.log):
-            yield url
+        with servers.serving(servers.issuer_command(port, workers), env, f"{url}/readyz", self.log) as group:
+            yield Server(url, group)
 
     @contextmanager
-    def reference(self, app: str, workers: int, ready_path: str, ready_status: int) -> Iterator[str]:
+    def reference(self, app: str, workers: int, ready_path: str, ready_status: int) -> Iterator[Server]:
         port = servers.free_port()
         url = f"http://127.0.0.1:{port}"
         command = servers.uvicorn_command(app, port, workers)
-        with servers.serving(command, self.env, url + ready_path, self.log, ready_status=ready_status):
-            yield url
+        with servers.serving(command, self.env, url + ready_path, self.log, ready_status=ready_status) as group:
+            yield Server(url, group)
 
     # ------------------------------------------------------------ load
 
-    def load(self, url: str, script: str, arg: str | Path | None = None, connections: int | None = None) -> dict:
-        conns = connections or self.connections
-        argument = None if arg is None else str(arg)
-        wrk.run(url, script, self.work, arg=argument, seconds=self.warmup, connections=conns)
-        return wrk.run(url, script, self.work, arg=argument, seconds=self.seconds, connections=conns).as_dict()
+    def requests(self, server: Server, path: str, script: str, arg: Path | None = None) -> Contender:
+        """Runs of ``script`` against ``path`` (GET unless the script says otherwise), one per call."""
 
-    def refresh_load(self, url: str) -> dict:
-        """Warm-up and measurement each get their own chains of tokens (a chain's tip stays inside wrk).
+        def run_once(seconds: int) -> wrk.LoadResult:
+            return wrk.run(
+                server.url + path,
+                script,
+                self.work,
+                arg=None if arg is None else str(arg),
+                seconds=seconds,
+                connections=self.connections,
+                server_group=server.group,
+            )
 
-        wrk asks the script for a few requests it never sends (when it sets up connections), so each run
-        gets four tokens per connection; the spare ones simply wait in the queue."""
-        spare = self.connections * 4
-        self.vacuum()
-        wrk.run(
-            url + "/auth/refresh",
-            wrk.REFRESH,
-            self.work,
-            arg=str(self.seed_refresh_tokens(spare)),
-            seconds=self.warmup,
-            connections=self.connections,
+        return run_once
+
+    def refreshes(self, server: Server) -> Contender:
+        """Refresh runs, each from the same clean state with its own chains of tokens.
+
+        Each run starts after a ``VACUUM ANALYZE``: every refresh leaves dead rows behind, and without it the
+        order of the runs (and autovacuum's timing) would favour whichever ran first. A chain's tip stays
+        inside wrk, so each run gets fresh chains: four tokens per connection, since wrk asks the script for
+        a few requests it never sends when it sets up connections (the spare ones simply wait in the queue).
+        """
+
+        def run_once(seconds: int) -> wrk.LoadResult:
+            self.vacuum()
+            tokens = self.seed_refresh_tokens(self.connections * 4)
+            return wrk.run(
+                server.url + "/auth/refresh",
+                wrk.REFRESH,
+                self.work,
+                arg=str(tokens),
+                seconds=seconds,
+                connections=self.connections,
+                server_group=server.group,
+            )
+
+        return run_once
+
+    def interleaved(self, contenders: dict[str, Contender]) -> dict[str, dict[str, Any]]:
+        results = wrk.interleaved(
+            contenders, warmup=self.warmup, seconds=self.seconds // self.rounds, rounds=self.rounds
         )
-        tokens = self.seed_refresh_tokens(spare)
-        return wrk.run(
-            url + "/auth/refresh",
-            wrk.REFRESH,
-            self.work,
-            arg=str(tokens),
-            seconds=self.seconds,
-            connections=self.connections,
-        ).as_dict()
+        for name, result in results.items():
+            print(f"  {name}: {result.rps:,.0f}/s (rounds: {', '.join(f'{rps:,.0f}' for rps in result.rounds_rps)})")
+            self.figures[name] = result.as_dict()
+        return {name: self.figures[name] for name in results}
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    group: int  # process group of all its processes (see bench.cpu)
+
+
+Contender = Callable[[int], wrk.LoadResult]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", "8")))
+    parser.add_argument(
+        "--seconds", type=int, default=int(os.environ.get("BENCH_SECONDS", "8")), help="measured, per figure"
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="rounds the measured seconds are split into")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/performance.md")
     args = parser.parse_args()
+    if args.rounds < 1 or args.seconds % args.rounds:
+        parser.error("--seconds must be a multiple of --rounds (wrk takes whole seconds)")
     started = time.monotonic()
-    bench = Bench(args.seconds, args.warmup, args.connections)
+    bench = Bench(args.seconds, args.rounds, args.warmup, args.connections)
     rows: list[Row] = []
     bench.create_database()
     try:
@@ -230,116 +271,25 @@ def main() -> None:
 
 
 def run_all(bench: Bench) -> list[Row]:
-    rows: list[Row] = []
+    """Every figure, each taken with only the servers it needs running (an idle server costs the box little,
+    but the login is compared with a bound a few percent away)."""
     print(
-        f"bench: wrk -t1 -c{bench.connections}, {bench.warmup}s warm-up + {bench.seconds}s per figure; "
-        f"server logs in {bench.log}"
+        f"bench: wrk -t1 -c{bench.connections}; per figure {bench.warmup}s warm-up, then {bench.seconds}s in "
+        f"{bench.rounds} rounds taken in turn with its baseline; server logs in {bench.log}"
     )
-
-    with bench.reference("bench.reference:trivial", 1, "/hello", 200) as url:
-        trivial = bench.load(url + "/hello", wrk.PLAIN)
-    print(f"  trivial endpoint: {trivial['rps']:.0f}/s")
-
-    with bench.issuer(1) as url:
-        bodies = []
-        for i in range(LOGIN_ACCOUNTS):
-            email = EMAIL if i == 0 else f"bench{i}@example.com"
-            httpx.post(f"{url}/auth/register", json={"email": email, "password": PASSWORD}, timeout=30)
-            bodies.append(json.dumps({"email": email, "password": PASSWORD, "token_transport": "body"}))
-        login = httpx.post(
-            f"{url}/auth/login", json={"email": EMAIL, "password": PASSWORD, "token_transport": "body"}, timeout=30
-        )
-        login.raise_for_status()
-        bench.add_history(HISTORY_FAMILIES)
-        bench.vacuum()
-        access = bench.work / "access.txt"
-        access.write_text(login.json()["access_token"] + "\n")
-        body = bench.work / "login.jsonl"
-        body.write_text("\n".join(bodies) + "\n")
-
-        jwks = bench.load(url + "/.well-known/jwks.json", wrk.PLAIN)
-        rows.append(Row("jwks", "GET /.well-known/jwks.json", jwks, "trivial Starlette JSON endpoint", trivial, 0.8))
-        print(f"  jwks: {jwks['rps']:.0f}/s")
-        me = bench.load(url + "/auth/me", wrk.BEARER, access)
-        rows.append(
-            Row("me", "GET /auth/me (verify + batched user read)", me, "trivial Starlette JSON endpoint", trivial, 0.5)
-        )
-        print(f"  me: {me['rps']:.0f}/s")
-        refresh_1 = bench.refresh_load(url)
-        print(f"  refresh (1 worker): {refresh_1['rps']:.0f}/s")
-        params = Settings.from_environ({**bench.env, "ISSUER_URL": url}).argon2
-        logins, argon, threads = login_between_bounds(bench, url, body, params, "login")
-
-    with bench.reference("bench.reference:reference", 1, "/", 404) as url:
-        reference_1 = bench.refresh_load(url)
-        print(f"  reference refresh (1 worker): {reference_1['rps']:.0f}/s")
-        reference_logins, reference_argon, _ = login_between_bounds(bench, url, body, params, "reference login")
-    rows.append(
-        Row(
-            "refresh",
-            "POST /auth/refresh (body transport), 1 worker",
-            refresh_1,
-            "minimal Starlette+asyncpg refresh, 1 worker",
-            reference_1,
-            0.8,
-        )
-    )
-
-    with bench.issuer(2) as url:
-        refresh_2 = bench.refresh_load(url)
-    print(f"  refresh (2 workers): {refresh_2['rps']:.0f}/s")
-    with bench.reference("bench.reference:reference", 2, "/", 404) as url:
-        reference_2 = bench.refresh_load(url)
-    print(f"  reference refresh (2 workers): {reference_2['rps']:.0f}/s")
-    rows.append(
-        Row(
-            "refresh_2_workers",
-            "POST /auth/refresh, 2 workers",
-            refresh_2,
-            "minimal Starlette+asyncpg refresh, 2 workers",
-            reference_2,
-            0.8,
-        )
-    )
-    rows.append(
-        Row("workers_scaling", "refresh: 2 workers vs 1", refresh_2, "the issuer's refresh, 1 worker", refresh_1, 1.5)
-    )
-    # What a second worker can give on this box at all: the reference's own scaling (the two workers share
-    # the cores with PostgreSQL and wrk).
-    rows.append(
-        Row(
-            "reference_scaling",
-            "reference refresh: 2 workers vs 1",
-            reference_2,
-            "the reference refresh, 1 worker",
-            reference_1,
-            None,
-        )
-    )
-
-    rows.append(
-        Row(
-            "login",
-            f"POST /auth/login, 1 worker (argon2id m={params.memory_cost_kib} KiB, "
-            f"t={params.time_cost}, p={params.parallelism})",
-            logins,
-            f"argon2id verify alone, {threads} threads, just before and after",
-            argon,
-            0.9,
-        )
-    )
+    with bench.issuer(1) as issuer:
+        access, logins_file = prepare(bench, issuer.url)
+        params = Settings.from_environ({**bench.env, "ISSUER_URL": issuer.url}).argon2
+        with bench.reference("bench.reference:trivial", 1, "/hello", 200) as trivial:
+            rows = light_figures(bench, issuer, trivial, access)
+        argon2 = f"argon2id m={params.memory_cost_kib} KiB, t={params.time_cost}, p={params.parallelism}"
+        what = f"POST /auth/login, 1 worker ({argon2})"
+        rows.append(login_row(bench, issuer, "login", what, 0.9, logins_file, params))
     # What this box allows any login at all: the minimal reference login against the same bound.
-    rows.append(
-        Row(
-            "login_reference",
-            "minimal Starlette+asyncpg login, 1 worker",
-            reference_logins,
-            f"argon2id verify alone, {threads} threads, just before and after",
-            reference_argon,
-            None,
-        )
-    )
-
+    with bench.reference(REFERENCE, 1, "/", 404) as reference:
+        what = "minimal Starlette+asyncpg login, 1 worker"
+        rows.append(login_row(bench, reference, "login_reference", what, None, logins_file, params))
+    rows += refresh_figures(bench)
     rates = micro.verification(3)
     ours, raw, pyjwt = (_per_token(rates[name]) for name in ("ours", "raw", "pyjwt"))
     rows.append(Row("verify", "issuer.verifier, warm cache (per token)", ours, "raw cryptography RSA verify", raw, 0.4))
@@ -349,8 +299,96 @@ def run_all(bench: Bench) -> list[Row]:
     return rows
 
 
+def light_figures(bench: Bench, issuer: Server, trivial: Server, access: Path) -> list[Row]:
+    """JWKS and /auth/me, each against the trivial endpoint, the three taken in turn."""
+    light = bench.interleaved(
+        {
+            "trivial": bench.requests(trivial, "/hello", wrk.PLAIN),
+            "jwks": bench.requests(issuer, "/.well-known/jwks.json", wrk.PLAIN),
+            "me": bench.requests(issuer, "/auth/me", wrk.BEARER, access),
+        }
+    )
+    trivial_name = "trivial Starlette JSON endpoint"
+    return [
+        Row("jwks", "GET /.well-known/jwks.json", light["jwks"], trivial_name, light["trivial"], 0.8),
+        Row("me", "GET /auth/me (verify + batched user read)", light["me"], trivial_name, light["trivial"], 0.5),
+    ]
+
+
+def refresh_figures(bench: Bench) -> list[Row]:
+    """The issuer's refresh and the reference's, on 1 and 2 workers, the four taken in turn."""
+    with ExitStack() as running:
+        contenders = {
+            "refresh (1 worker)": running.enter_context(bench.issuer(1)),
+            "reference refresh (1 worker)": running.enter_context(bench.reference(REFERENCE, 1, "/", 404)),
+            "refresh (2 workers)": running.enter_context(bench.issuer(2)),
+            "reference refresh (2 workers)": running.enter_context(bench.reference(REFERENCE, 2, "/", 404)),
+        }
+        figures = bench.interleaved({name: bench.refreshes(server) for name, server in contenders.items()})
+    ours_1, ours_2 = figures["refresh (1 worker)"], figures["refresh (2 workers)"]
+    theirs_1, theirs_2 = figures["reference refresh (1 worker)"], figures["reference refresh (2 workers)"]
+    reference = "minimal Starlette+asyncpg refresh"
+    return [
+        Row(
+            "refresh", "POST /auth/refresh (body transport), 1 worker", ours_1, f"{reference}, 1 worker", theirs_1, 0.8
+        ),
+        Row("refresh_2_workers", "POST /auth/refresh, 2 workers", ours_2, f"{reference}, 2 workers", theirs_2, 0.8),
+        Row("workers_scaling", "refresh: 2 workers vs 1", ours_2, "the issuer's refresh, 1 worker", ours_1, 1.5),
+        # What a second worker can give on this box at all: the reference's own scaling, and the most that the
+        # CPU cost of a refresh in the 1-worker figure (issuer, PostgreSQL, wrk, kernel) leaves room for.
+        Row(
+            "reference_scaling",
+            "reference refresh: 2 workers vs 1",
+            theirs_2,
+            "the reference refresh, 1 worker",
+            theirs_1,
+            None,
+        ),
+        Row(
+            "scaling_ceiling",
+            "every core busy, at the 1-worker figure's CPU cost per refresh",
+            _ceiling(ours_1),
+            "the issuer's refresh, 1 worker",
+            ours_1,
+            None,
+        ),
+    ]
+
+
+def login_row(
+    bench: Bench, server: Server, name: str, what: str, target: float | None, body: Path, params: Argon2Params
+) -> Row:
+    logins, argon, threads = login_between_bounds(bench, server, body, params, name)
+    return Row(name, what, logins, f"argon2id verify alone, {threads} threads, just before and after", argon, target)
+
+
+def prepare(bench: Bench, url: str) -> tuple[Path, Path]:
+    """The accounts, a past of 20,000 sessions, an access token for /auth/me and the login bodies."""
+    bodies = []
+    for i in range(LOGIN_ACCOUNTS):
+        email = EMAIL if i == 0 else f"bench{i}@example.com"
+        httpx.post(f"{url}/auth/register", json={"email": email, "password": PASSWORD}, timeout=30)
+        bodies.append(json.dumps({"email": email, "password": PASSWORD, "token_transport": "body"}))
+    login = httpx.post(
+        f"{url}/auth/login", json={"email": EMAIL, "password": PASSWORD, "token_transport": "body"}, timeout=30
+    )
+    login.raise_for_status()
+    bench.add_history(HISTORY_FAMILIES)
+    bench.vacuum()
+    access = bench.work / "access.txt"
+    access.write_text(login.json()["access_token"] + "\n")
+    body = bench.work / "login.jsonl"
+    body.write_text("\n".join(bodies) + "\n")
+    return access, body
+
+
+def _ceiling(figure: dict[str, Any]) -> dict[str, Any]:
+    """A figure's CPU ceiling as a row: what every core of the box could serve at its CPU cost per request."""
+    return {"rps": figure["cpu"]["ceiling_rps"], "p50_ms": None, "p99_ms": None, "errors": 0}
+
+
 def login_between_bounds(
-    bench: Bench, url: str, body: Path, params: Argon2Params, label: str
+    bench: Bench, server: Server, body: Path, params: Argon2Params, label: str
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """The login figure, with its baseline measured right before and right after it (A-B-A).
 
@@ -359,12 +397,21 @@ def login_between_bounds(
     would compare the login with another machine; bracketing it cancels a steady drift, and a large gap
     between the two baselines says that the figure is unreliable.
     """
-    login_url = url + "/auth/login"
-    wrk.run(login_url, wrk.LOGIN, bench.work, arg=str(body), seconds=bench.warmup, connections=LOGIN_CONNECTIONS)
+
+    def run_once(seconds: int) -> dict[str, Any]:
+        return wrk.run(
+            server.url + "/auth/login",
+            wrk.LOGIN,
+            bench.work,
+            arg=str(body),
+            seconds=seconds,
+            connections=LOGIN_CONNECTIONS,
+            server_group=server.group,
+        ).as_dict()
+
+    run_once(bench.warmup)
     before, threads = micro.argon2_bound(params, ARGON2_SECONDS)
-    logins = wrk.run(
-        login_url, wrk.LOGIN, bench.work, arg=str(body), seconds=bench.seconds, connections=LOGIN_CONNECTIONS
-    ).as_dict()
+    logins = bench.figures[label] = run_once(bench.seconds)
     after, _ = micro.argon2_bound(params, ARGON2_SECONDS)
     bound = (before + after) / 2
     argon = {
@@ -411,22 +458,44 @@ def _target(row: Row) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| figure | req/s | p50 ms | p99 ms | errors | baseline | baseline req/s | ratio | target | met |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|:-:|",
+        "| figure | req/s | p50 ms | p99 ms | errors | baseline | baseline req/s | ratio | per round | target | met |",
+        "|---|---:|---:|---:|---:|---|---:|---:|:-:|---:|:-:|",
     ]
     for row in rows:
         r, b = row.result, row.baseline
+        spread = f"{min(row.round_ratios):.2f}-{max(row.round_ratios):.2f}" if row.round_ratios else "-"
         lines.append(
             f"| {row.name} | {_fmt(r['rps'], ',.0f')} | {_fmt(r['p50_ms'], '.2f')} | {_fmt(r['p99_ms'], '.2f')} | "
-            f"{r['errors']} | {row.baseline_name} | {_fmt(b['rps'], ',.0f')} | {row.ratio:.2f}x | "
+            f"{r['errors']} | {row.baseline_name} | {_fmt(b['rps'], ',.0f')} | {row.ratio:.2f}x | {spread} | "
             f"{_target(row)} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(figures: dict[str, dict[str, Any]]) -> str:
+    """Where the box's CPU went in each load figure: the box's busy share, and milliseconds of CPU per
+    request in the server under load, PostgreSQL, wrk and everything else (the kernel's softirq work for
+    loopback, the harness, the idle servers); and the requests/s every core could serve at that cost."""
+    lines = [
+        "| load | req/s | box busy | server ms | PostgreSQL ms | wrk ms | rest ms | ceiling req/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, figure in figures.items():
+        use = figure.get("cpu")
+        if use is None:
+            continue
+        ms = use["ms_per_request"]
+        lines.append(
+            f"| {label} | {figure['rps']:,.0f} | {use['box_busy']:.0%} | {ms['server']:.3f} | {ms['postgres']:.3f} | "
+            f"{ms['wrk']:.3f} | {ms['rest']:.3f} | {_fmt(use['ceiling_rps'], ',.0f')} |"
         )
     return "\n".join(lines)
 
 
 def report(rows: list[Row], bench: Bench, elapsed: float, *, write_doc: bool) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    text = table(rows)
+    text = table(rows) + "\n\nWhere the CPU went (per request; from /proc during each load figure):\n\n"
+    text += cpu_table(bench.figures)
     print()
     print(text)
     print(f"\n{machine}; whole run {elapsed:.0f} s")
@@ -435,9 +504,15 @@ def report(rows: list[Row], bench: Bench, elapsed: float, *, write_doc: bool) ->
             {
                 "when": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": machine,
-                "load": {"tool": "wrk -t1", "connections": bench.connections, "seconds": bench.seconds},
+                "load": {
+                    "tool": "wrk -t1",
+                    "connections": bench.connections,
+                    "seconds": bench.seconds,
+                    "rounds": bench.rounds,
+                },
                 "elapsed_s": round(elapsed, 1),
                 "results": {row.name: row.as_dict() for row in rows},
+                "figures": bench.figures,
             },
             indent=2,
         )

@@ -28,8 +28,11 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serving(
     command: list[str], env: Mapping[str, str], ready_url: str, log: Path, *, ready_status: int = 200
-) -> Iterator[None]:
-    """Run ``command`` in its own process group until the block ends; wait (bounded) until it answers."""
+) -> Iterator[int]:
+    """Run ``command`` in its own process group until the block ends; wait (bounded) until it answers.
+
+    Yields the process group's id: every worker of the server is in it, so ``bench.cpu`` can count their
+    CPU together."""
     with log.open("ab") as sink:
         # Commands are built by the harness from fixed parts; nothing comes from outside.
         process = subprocess.Popen(  # noqa: S603
@@ -37,7 +40,7 @@ def serving(
         )
     try:
         _wait_ready(process, ready_url, ready_status, log)
-        yield
+        yield process.pid  # its own session: the process group's id is its pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)

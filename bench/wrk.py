@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-# Every script ends with this: wrk's own summary, as one JSON line the harness can parse.
+from bench import cpu
+
+# Every script ends with this: wrk's own summary, and its whole latency histogram (each distinct latency in
+# microseconds with its count), as one JSON line the harness can parse. With the histogram, the rounds of
+# one figure merge into exact percentiles rather than an average of per-round percentiles.
 DONE = r"""
 function done(summary, latency, requests)
   local e = summary.errors
+  local pairs = {}
+  for i = 1, #latency do
+    local value, count = latency(i)
+    pairs[i] = string.format('[%d,%d]', value, count)
+  end
   io.write(string.format(
-    'BENCH_JSON {"requests":%d,"duration_us":%d,"non_2xx":%d,"socket_errors":%d,"p50_us":%d,"p99_us":%d}\n',
+    'BENCH_JSON {"requests":%d,"duration_us":%d,"non_2xx":%d,"socket_errors":%d,"latency_us":[%s]}\n',
     summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
+    table.concat(pairs, ',')))
 end
 """
-
 # Each connection's refresh token is one-time: a queue of live tokens, refilled with each successor.
 REFRESH = r"""
 local queue, first, last = {}, 1, 0
@@ -60,20 +72,60 @@ PLAIN = ""
 
 @dataclass(frozen=True)
 class LoadResult:
-    requests: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int  # non-2xx/3xx responses plus socket errors
+    """One figure: one wrk run, or the merged rounds of one (see ``merge``)."""
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {
+    requests: int
+    seconds: float
+    errors: int  # non-2xx/3xx responses plus socket errors
+    latency_us: Mapping[int, int]  # latency in microseconds -> requests that took it
+    rounds_rps: tuple[float, ...]
+    cpu: cpu.Use | None = None
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile_ms(self, p: float) -> float:
+        """wrk's own definition (``stats_percentile``): the smallest latency with at least ``rank`` requests
+        at or below it, where rank = round(p% of the count + 0.5), C's round (half away from zero)."""
+        count = sum(self.latency_us.values())
+        if count == 0:
+            return 0.0
+        rank, seen = math.floor(p / 100 * count + 0.5 + 0.5), 0
+        for value in sorted(self.latency_us):
+            seen += self.latency_us[value]
+            if seen >= rank:
+                return value / 1000
+        return max(self.latency_us) / 1000
+
+    @classmethod
+    def merge(cls, rounds: Sequence[LoadResult]) -> LoadResult:
+        """The rounds of one figure as one: their requests over their time, their histograms added."""
+        latency: Counter[int] = Counter()
+        for one in rounds:
+            latency.update(one.latency_us)
+        uses = [one.cpu for one in rounds if one.cpu is not None]
+        return cls(
+            requests=sum(one.requests for one in rounds),
+            seconds=sum(one.seconds for one in rounds),
+            errors=sum(one.errors for one in rounds),
+            latency_us=dict(latency),
+            rounds_rps=tuple(rps for one in rounds for rps in one.rounds_rps),
+            cpu=cpu.Use.total(uses) if len(uses) == len(rounds) and uses else None,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "rps": round(self.rps, 1),
-            "p50_ms": round(self.p50_ms, 2),
-            "p99_ms": round(self.p99_ms, 2),
+            "p50_ms": round(self.percentile_ms(50), 2),
+            "p99_ms": round(self.percentile_ms(99), 2),
             "errors": self.errors,
             "requests": self.requests,
+            "rounds_rps": [round(rps, 1) for rps in self.rounds_rps],
         }
+        if self.cpu is not None:
+            out["cpu"] = self.cpu.as_dict(self.requests)
+        return out
 
 
 def wrk_path() -> str:
@@ -91,7 +143,10 @@ def run(
     arg: str | None = None,
     seconds: int,
     connections: int,
+    server_group: int | None = None,
 ) -> LoadResult:
+    """One wrk run. With ``server_group`` (the process group of the server under load), it also records
+    where the box's CPU went meanwhile (``bench.cpu``)."""
     lua = workdir / f"script-{abs(hash(script))}.lua"
     lua.write_text(script + DONE)
     command = [
@@ -107,15 +162,38 @@ def run(
     ]
     if arg is not None:
         command += ["--", arg]
+    before = None if server_group is None else cpu.Snapshot.take(server_group)
     # A fixed tool on fixed arguments built here; nothing comes from outside the harness.
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60)  # noqa: S603
+    use = None if before is None else before.until(cpu.Snapshot.take(before.server_group))
     line = next(line for line in out.stdout.splitlines() if line.startswith("BENCH_JSON "))
     data = json.loads(line.removeprefix("BENCH_JSON "))
     seconds_run = data["duration_us"] / 1e6
     return LoadResult(
         requests=data["requests"],
-        rps=data["requests"] / seconds_run,
-        p50_ms=data["p50_us"] / 1000,
-        p99_ms=data["p99_us"] / 1000,
+        seconds=seconds_run,
         errors=data["non_2xx"] + data["socket_errors"],
+        latency_us={value: count for value, count in data["latency_us"]},
+        rounds_rps=(data["requests"] / seconds_run,),
+        cpu=use,
     )
+
+
+def interleaved(
+    contenders: Mapping[str, Callable[[int], LoadResult]], *, warmup: int, seconds: int, rounds: int
+) -> dict[str, LoadResult]:
+    """Each contender's figure, measured in ``rounds`` rounds of ``seconds`` taken in turn, in mirrored order
+    (A B C, C B A, A B C, ...), after one warm-up run each.
+
+    This box's speed drifts by 10-25% within a minute. Figures measured one after the other compare each
+    with a slightly different machine; taken in turn and mirrored, every contender sees the same drift on
+    average (a steady drift cancels exactly), and the per-round ratios show how much the box moved.
+    """
+    for run_once in contenders.values():
+        run_once(warmup)
+    taken: dict[str, list[LoadResult]] = {name: [] for name in contenders}
+    order = list(contenders)
+    for number in range(rounds):
+        for name in order if number % 2 == 0 else reversed(order):
+            taken[name].append(contenders[name](seconds))
+    return {name: LoadResult.merge(results) for name, results in taken.items()}
