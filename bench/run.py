@@ -191,7 +191,9 @@ class Bench:
 
     # ------------------------------------------------------------ load
 
-    def requests(self, server: Server, path: str, script: str, arg: Path | None = None) -> Contender:
+    def requests(
+        self, server: Server, path: str, script: str, arg: Path | None = None, connections: int | None = None
+    ) -> Contender:
         """Runs of ``script`` against ``path`` (GET unless the script says otherwise), one per call."""
 
         def run_once(seconds: int) -> wrk.LoadResult:
@@ -201,7 +203,7 @@ class Bench:
                 self.work,
                 arg=None if arg is None else str(arg),
                 seconds=seconds,
-                connections=self.connections,
+                connections=connections or self.connections,
                 server_group=server.group,
             )
 
@@ -388,21 +390,10 @@ def login_figures(bench: Bench, issuer: Server, reference: Server, body: Path, p
     are not counted, about 4 of them per round, which would cost a 2 s round 3% of its figure.
     """
 
-    def logins(server: Server) -> Contender:
-        def run_once(seconds: int) -> wrk.LoadResult:
-            return wrk.run(
-                server.url + "/auth/login",
-                wrk.LOGIN,
-                bench.work,
-                arg=str(body),
-                seconds=seconds,
-                connections=LOGIN_CONNECTIONS,
-                server_group=server.group,
-            )
-
-        return run_once
-
-    contenders = {"login": logins(issuer), "login_reference": logins(reference)}
+    contenders = {
+        name: bench.requests(server, "/auth/login", wrk.LOGIN, body, LOGIN_CONNECTIONS)
+        for name, server in (("login", issuer), ("login_reference", reference))
+    }
     for run_once in contenders.values():
         run_once(bench.warmup)
     bound, threads = micro.argon2_bound(params, ARGON2_SECONDS)
