@@ -43,7 +43,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 EMAIL, PASSWORD = "bench@example.com", "correct horse battery staple"
 # Enough logins in flight to keep every core hashing; twice as many accounts, so none has two in flight.
 LOGIN_CONNECTIONS, LOGIN_ACCOUNTS = 8, 16
-# The login figure's rounds, and each measurement of its baseline between them (see login_between_bounds).
+# The login figure's rounds, and each measurement of its baseline between them (see login_figures).
 LOGIN_ROUNDS, LOGIN_ROUND_SECONDS, ARGON2_SECONDS = 3, 4, 2
 # Past sessions in the tables before the first figure (see Bench.add_history).
 HISTORY_FAMILIES = 20_000
@@ -233,12 +233,25 @@ class Bench:
 
         return run_once
 
-    def interleaved(self, contenders: dict[str, Contender]) -> dict[str, dict[str, Any]]:
+    def interleaved(
+        self,
+        contenders: dict[str, Contender],
+        *,
+        seconds: int | None = None,
+        rounds: int | None = None,
+        between: Callable[[], object] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """``wrk.interleaved`` with the run's warm-up and rounds (unless given), each figure printed and kept."""
+        rounds = rounds or self.rounds
         results = wrk.interleaved(
-            contenders, warmup=self.warmup, seconds=self.seconds // self.rounds, rounds=self.rounds
+            contenders,
+            warmup=self.warmup,
+            seconds=seconds or self.seconds // rounds,
+            rounds=rounds,
+            between=between,
         )
         for name, result in results.items():
-            print(f"  {name}: {result.rps:,.0f}/s (rounds: {', '.join(f'{rps:,.0f}' for rps in result.rounds_rps)})")
+            print(f"  {name}: {_rate(result.rps)}/s (rounds: {', '.join(_rate(rps) for rps in result.rounds_rps)})")
             self.figures[name] = result.as_dict()
         return {name: self.figures[name] for name in results}
 
@@ -394,15 +407,13 @@ def login_figures(bench: Bench, issuer: Server, reference: Server, body: Path, p
         name: bench.requests(server, "/auth/login", wrk.LOGIN, body, LOGIN_CONNECTIONS)
         for name, server in (("login", issuer), ("login_reference", reference))
     }
-    for run_once in contenders.values():
-        run_once(bench.warmup)
-    bound, threads = micro.argon2_bound(params, ARGON2_SECONDS)
-    bounds = [bound]
-    taken: dict[str, list[wrk.LoadResult]] = {name: [] for name in contenders}
-    for number in range(LOGIN_ROUNDS):
-        for name in contenders if number % 2 == 0 else reversed(contenders):
-            taken[name].append(contenders[name](LOGIN_ROUND_SECONDS))
-        bounds.append(micro.argon2_bound(params, ARGON2_SECONDS)[0])
+    bounds: list[float] = []
+    figures = bench.interleaved(
+        contenders,
+        seconds=LOGIN_ROUND_SECONDS,
+        rounds=LOGIN_ROUNDS,
+        between=lambda: bounds.append(micro.argon2_bound(params, ARGON2_SECONDS)),
+    )
     around = [(before + after) / 2 for before, after in itertools.pairwise(bounds)]
     argon = {
         "rps": round(sum(around) / len(around), 1),
@@ -412,12 +423,8 @@ def login_figures(bench: Bench, issuer: Server, reference: Server, body: Path, p
         "rounds_rps": [round(rps, 1) for rps in around],
         "measured_rps": [round(rps, 1) for rps in bounds],
     }
-    figures = {}
-    for name, rounds in taken.items():
-        figures[name] = bench.figures[name] = wrk.LoadResult.merge(rounds).as_dict()
-        print(f"  {name}: {figures[name]['rps']:.1f}/s (rounds: {', '.join(f'{r.rps:.1f}' for r in rounds)})")
     print(f"  argon2 alone, around the rounds: {', '.join(f'{rps:.1f}' for rps in bounds)}")
-    bound_name = f"argon2id verify alone, {threads} threads, around each round"
+    bound_name = f"argon2id verify alone, {micro.HASH_THREADS} threads, around each round"
     argon2 = f"argon2id m={params.memory_cost_kib} KiB, t={params.time_cost}, p={params.parallelism}"
     ours, theirs = figures["login"], figures["login_reference"]
     return [
@@ -426,6 +433,11 @@ def login_figures(bench: Bench, issuer: Server, reference: Server, body: Path, p
         Row("login_reference", "minimal Starlette+asyncpg login, 1 worker", theirs, bound_name, argon, None),
         Row("login_vs_reference", "POST /auth/login, 1 worker", ours, "minimal login, 1 worker", theirs, None),
     ]
+
+
+def _rate(rps: float) -> str:
+    """Requests/s as printed while the bench runs: whole numbers, but a login rate keeps its decimal."""
+    return f"{rps:,.0f}" if rps >= 100 else f"{rps:.1f}"
 
 
 def _per_token(rate: float) -> dict[str, Any]:

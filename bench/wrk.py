@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import cpu
+from bench.rounds import mirrored
 
 # Every script ends with this: wrk's own summary, and its whole latency histogram (each distinct latency in
 # microseconds with its count), as one JSON line the harness can parse. With the histogram, the rounds of
@@ -180,20 +181,25 @@ def run(
 
 
 def interleaved(
-    contenders: Mapping[str, Callable[[int], LoadResult]], *, warmup: int, seconds: int, rounds: int
+    contenders: Mapping[str, Callable[[int], LoadResult]],
+    *,
+    warmup: int,
+    seconds: int,
+    rounds: int,
+    between: Callable[[], object] | None = None,
 ) -> dict[str, LoadResult]:
-    """Each contender's figure, measured in ``rounds`` rounds of ``seconds`` taken in turn, in mirrored order
-    (A B C, C B A, A B C, ...), after one warm-up run each.
-
-    This box's speed drifts by 10-25% within a minute. Figures measured one after the other compare each
-    with a slightly different machine; taken in turn and mirrored, every contender sees the same drift on
-    average (a steady drift cancels exactly), and the per-round ratios show how much the box moved.
-    """
+    """Each contender's figure, measured in ``rounds`` rounds of ``seconds`` taken in turn in mirrored order
+    (``bench.rounds.mirrored``), after one warm-up run each; the per-round figures show how much the box
+    moved. ``between``, when given, runs before the first round and after every round (the login measures
+    its baseline there)."""
     for run_once in contenders.values():
         run_once(warmup)
     taken: dict[str, list[LoadResult]] = {name: [] for name in contenders}
     order = list(contenders)
-    for number in range(rounds):
-        for name in order if number % 2 == 0 else reversed(order):
-            taken[name].append(contenders[name](seconds))
+    for number, name in enumerate(mirrored(order, rounds)):
+        if between is not None and number % len(order) == 0:
+            between()
+        taken[name].append(contenders[name](seconds))
+    if between is not None:
+        between()
     return {name: LoadResult.merge(results) for name, results in taken.items()}

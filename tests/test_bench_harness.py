@@ -61,3 +61,19 @@ def test_cpu_snapshot_counts_the_server_group_and_the_box() -> None:
     shares = use.as_dict(requests=100)
     assert shares["ms_per_request"]["server"] >= 2.0
     assert shares["ceiling_rps"] is not None
+
+
+def test_between_runs_before_the_first_round_and_after_every_round() -> None:
+    calls: list[str] = []
+
+    def contender(name: str) -> Callable[[int], wrk.LoadResult]:
+        def run_once(seconds: int) -> wrk.LoadResult:
+            calls.append(name)
+            return _result(10, 1.0, {100: 10})
+
+        return run_once
+
+    wrk.interleaved(
+        {"a": contender("a"), "b": contender("b")}, warmup=1, seconds=1, rounds=3, between=lambda: calls.append("|")
+    )
+    assert calls == ["a", "b", "|", "a", "b", "|", "b", "a", "|", "a", "b", "|"]
