@@ -217,6 +217,11 @@ class HotPool:
                 )
             return self._pool
 
+    def open_connections(self) -> int:
+        """Connections open now, idle or in use; one the server has closed no longer counts once its close
+        has arrived (asyncpg's ``Pool.get_size``)."""
+        return self._pool.get_size() if self._pool is not None else 0
+
     async def close(self) -> None:
         self._closed = True
         if self._pool is not None:

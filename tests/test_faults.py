@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from issuer.settings import Settings
@@ -198,12 +199,23 @@ async def test_backends_terminated_under_load(settings: Settings, clock: FakeClo
 
 
 async def test_idle_pool_connections_killed_then_used(settings: Settings, clock: FakeClock, pg_url: str) -> None:
-    """Every pooled connection dies while idle: the next requests succeed at once (pre-ping reconnects)."""
+    """Every pooled connection dies while idle: once the server's close has reached the issuer, the next
+    requests succeed at once (the checkout's liveness check discards the dead connections).
+
+    A request that takes a connection in the instant between the kill and the close's arrival meets a dead
+    backend and answers 503 (as with ``pool_pre_ping``, which has the same window); that race is what
+    ``test_backends_terminated_under_load`` covers. Here the test waits for the closes to arrive first,
+    so it asserts the property and not the scheduler's timing."""
     async with running_issuer(settings, clock) as harness:
+        pooled = _pooled_connections(harness)
         sessions = await _sign_up(harness)
         # Fill the pool with several connections, then kill them all.
         await asyncio.gather(*(_one_me(harness, s) for s in sessions))
+        hot = harness.services.hot
+        assert hot is not None
+        assert hot.open_connections() > 0, "the hot-path pool holds no connection: nothing was killed there"
         assert await _terminate_issuer_backends(pg_url) > 0
+        await _closes_arrived(harness, pooled)
         await _recovered(harness, sessions)
         assert sample(harness.services, "issuer_database_errors_total") == 0
         await assert_single_chain(harness.services.engine, clock())
@@ -212,6 +224,37 @@ async def test_idle_pool_connections_killed_then_used(settings: Settings, clock:
 async def _one_me(harness: IssuerHarness, session: Session) -> None:
     async with harness.client(ip=session.ip) as client:
         assert (await client.get("/auth/me", headers=bearer(session.access_token))).status_code == 200
+
+
+def _pooled_connections(harness: IssuerHarness) -> list[asyncpg.Connection]:
+    """Every asyncpg connection the issuer's pool takes back from now on (SQLAlchemy's ``checkin`` event)."""
+    seen: list[asyncpg.Connection] = []
+
+    def on_checkin(dbapi_connection: Any, _record: Any) -> None:
+        if dbapi_connection is not None and dbapi_connection.driver_connection not in seen:
+            seen.append(dbapi_connection.driver_connection)
+
+    event.listen(harness.services.engine.sync_engine.pool, "checkin", on_checkin)
+    return seen
+
+
+async def _closes_arrived(harness: IssuerHarness, pooled: list[asyncpg.Connection]) -> None:
+    """Wait (bounded) until the issuer has seen the server close every connection of both its pools.
+
+    ``pg_terminate_backend`` only signals a backend; it exits, and its close crosses the socket, when the
+    scheduler lets it. On a loaded 2-core box that can be after the test's next request."""
+    assert pooled, "the engine's pool handed out no connection: nothing was killed there"
+    hot = harness.services.hot
+    assert hot is not None
+
+    def still_open() -> int:
+        return sum(1 for connection in pooled if not connection.is_closed()) + hot.open_connections()
+
+    for _ in range(1000):  # bounded: 10 s at most
+        if not still_open():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{still_open()} killed connections never saw the server's close")
 
 
 # ---------------------------------------------------------------- unreachable database (a TCP proxy cut)
