@@ -7,7 +7,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -17,9 +17,10 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
 from issuer.cleanup import cleanup
 from issuer.clock import Clock, system_clock
@@ -34,7 +35,7 @@ from issuer.errors import (
 )
 from issuer.hotpath import DatabaseUnavailable
 from issuer.routes import auth, health, wellknown
-from issuer.routing import StaticPathRouter
+from issuer.routing import DirectRoutes, StaticPathRouter
 from issuer.services import Services
 from issuer.settings import Settings
 
@@ -81,18 +82,17 @@ def create_app(
                 await services.hot.close()
             await services.engine.dispose()
 
-    app = Starlette(
-        exception_handlers={
-            IssuerError: render_error,
-            HTTPException: _http_exception,
-            DBAPIError: _database_down,
-            DatabaseUnavailable: _database_down,
-            PoolTimeout: _database_down,
-            OSError: _database_down,
-            TimeoutError: _database_down,
-            500: _server_error,
-        },
-    )
+    handlers: dict[Any, ExceptionHandler] = {
+        IssuerError: render_error,
+        HTTPException: _http_exception,
+        DBAPIError: _database_down,
+        DatabaseUnavailable: _database_down,
+        PoolTimeout: _database_down,
+        OSError: _database_down,
+        TimeoutError: _database_down,
+        500: _server_error,
+    }
+    app = Starlette(exception_handlers=handlers)
     # Starlette's constructor builds a plain Router; ours finds fixed paths by lookup (see issuer.routing).
     # No trailing-slash redirects: behind a TLS proxy they would point at http:// and at whatever Host the
     # client sent, and a client that follows a 307 would resend the password there.
@@ -101,8 +101,12 @@ def create_app(
     )
     app.state.services = services
     app.state.metadata = wellknown.metadata_document(settings)
-    # Innermost first: the well-known documents are answered inside CORS and the security headers.
-    app.add_middleware(wellknown.WellKnownDocuments, services=services, metadata=app.state.metadata)
+    # Innermost first: the hottest reads are answered inside CORS and the security headers.
+    direct = {
+        **wellknown.direct_routes(),
+        auth.ME_ROUTE.path: (auth.ME_ROUTE, _with_handlers(auth.me, handlers)),
+    }
+    app.add_middleware(DirectRoutes, routes=direct)
     services.metrics.signing_key_age.set_function(lambda: _signing_key_age(services))
     if settings.allowed_origins:
         # Browsers on these origins may call the cookie endpoints with credentials; others get no CORS
@@ -117,6 +121,13 @@ def create_app(
         )
     app.add_middleware(ResponseHeaders, services=services)
     return app
+
+
+def _with_handlers(endpoint: ASGIApp, handlers: Mapping[Any, ExceptionHandler]) -> ASGIApp:
+    """``endpoint`` behind an exception layer of its own with the app's handlers, built as Starlette builds
+    the app's (500 and Exception stay with the outermost ServerErrorMiddleware): a direct route's errors
+    are answered exactly as they are through the router."""
+    return ExceptionMiddleware(endpoint, handlers={k: v for k, v in handlers.items() if k not in (500, Exception)})
 
 
 def create_served_app() -> Starlette:

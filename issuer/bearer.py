@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import Any
 
 from joserfc.jwk import RSAKey
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
 from issuer.clock import Clock
 from issuer.errors import InvalidToken, Unauthenticated
@@ -44,7 +44,7 @@ class _Verified:
     valid_until: float
 
 
-def bearer_token(request: Request) -> str:
+def bearer_token(request: HTTPConnection) -> str:
     header = request.headers.get("authorization")
     if header is None:
         raise Unauthenticated()
@@ -98,7 +98,7 @@ class BearerAuth:
             leeway=settings.clock_leeway,
         )
 
-    async def authenticate(self, request: Request) -> Caller:
+    async def authenticate(self, request: HTTPConnection) -> Caller:
         token = bearer_token(request)
         try:
             claims = self._claims(token)

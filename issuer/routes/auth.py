@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from datetime import datetime
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from issuer.accounts import check_password_shape, normalize_email
 from issuer.errors import (
@@ -196,11 +198,30 @@ async def logout_all(request: Request) -> Response:
     return response
 
 
-async def me(request: Request) -> Response:
-    svc = services(request)
-    caller = await svc.bearer.authenticate(request)
-    body = {**user_json(caller.user), "tokenVersion": caller.user.token_version}
-    return JSONResponse(body, headers=NO_STORE)
+class UserInfo:
+    """``GET /auth/me`` as a plain ASGI endpoint: the caller's account, read after the Bearer check.
+
+    Resource services may call this on every request of their own, so it is the issuer's hottest
+    authenticated path. It writes its ASGI messages itself, with an encoder made once, instead of building
+    a Request and a JSONResponse; the body is what JSONResponse would render. Errors are raised as in every
+    handler, for the app's exception handlers to answer (see ``issuer.app``, which also sends GET and HEAD
+    here ahead of the router)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        svc: Services = scope["app"].state.services
+        caller = await svc.bearer.authenticate(HTTPConnection(scope))
+        body = _JSON.encode({**user_json(caller.user), "tokenVersion": caller.user.token_version}).encode()
+        headers = [(b"content-length", str(len(body)).encode()), *_JSON_NO_STORE]  # a new list: middleware adds
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
+# JSONResponse's rendering (compact, UTF-8, no NaN), made once.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+_NO_STORE_LINES = tuple((name.lower().encode(), value.encode()) for name, value in NO_STORE.items())
+_JSON_NO_STORE = ((b"content-type", b"application/json"), *_NO_STORE_LINES)
+me = UserInfo()
+ME_ROUTE = Route("/auth/me", me, methods=["GET"])
 
 
 async def list_sessions(request: Request) -> Response:
@@ -323,7 +344,7 @@ routes = [
     Route("/auth/refresh", refresh, methods=["POST"]),
     Route("/auth/logout", logout, methods=["POST"]),
     Route("/auth/logout-all", logout_all, methods=["POST"]),
-    Route("/auth/me", me, methods=["GET"]),
+    ME_ROUTE,
     Route("/auth/sessions", list_sessions, methods=["GET"]),
     Route("/auth/sessions/{session_id}", revoke_session, methods=["DELETE"]),
     Route("/auth/account", delete_account, methods=["DELETE"]),

@@ -83,32 +83,15 @@ class _RoutedDocument:
 
 
 routes = [Route(path, _RoutedDocument(path), methods=["GET"]) for path in (JWKS_PATH, *METADATA_PATHS)]
-_ROUTES = {route.path: route for route in routes}
 
 
-class WellKnownDocuments:
-    """GET and HEAD of the JWKS and the metadata, answered ahead of the router.
+def direct_routes() -> dict[str, tuple[Route, ASGIApp]]:
+    """GET and HEAD of every document, for ``issuer.routing.DirectRoutes``: each route's own endpoint,
+    without the router pass and the exception layers in front of it.
 
     The JWKS is the issuer's most requested document: every gateway and resource service fetches it, and
-    a 304 costs as much as a 200 here. This layer sends the routes' own answer (``send_document``) without
-    the router pass and the exception layers in front of it; the routes still answer everything else
-    (other methods get their 405 there). It runs inside the middleware that adds the security headers and
-    records latency, and inside CORS, so those apply as for every route.
-    """
-
-    def __init__(self, app: ASGIApp, services: Services, metadata: bytes) -> None:
-        self.app = app
-        self.services = services
-        self.metadata = metadata
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            route = _ROUTES.get(scope["path"])
-            if route is not None:
-                scope["route"] = route  # the latency label, as if the router had matched it
-                await send_document(route.path, self.services, self.metadata, scope, send)
-                return
-        await self.app(scope, receive, send)
+    a 304 costs as much as a 200 here."""
+    return {route.path: (route, route.endpoint) for route in routes}
 
 
 def _headers(body: bytes, cache_control: bytes, etag: bytes | None = None) -> Headers:

@@ -1,9 +1,10 @@
-"""The well-known fast path answers exactly what the Starlette routes answer, ahead of the router.
+"""The direct routes answer exactly what the Starlette routes answer, ahead of the router.
 
-``WellKnownDocuments`` serves GET and HEAD of the JWKS and the two metadata documents from pre-rendered
-bytes. Its definition is the routes in ``issuer/routes/wellknown.py``: every answer is compared with the
-answer the routes give to the same request, both bare (raw ASGI messages, exact header lists) and inside
-the issuer's middleware (security headers, CORS, latency). Everything else still reaches the router.
+``DirectRoutes`` serves GET and HEAD of the JWKS and the two metadata documents from pre-rendered bytes
+(``wellknown.direct_routes``). Its definition is the routes in ``issuer/routes/wellknown.py``: every answer
+is compared with the answer the routes give to the same request, both bare (raw ASGI messages, exact
+header lists) and inside the issuer's middleware (security headers, CORS, latency). Everything else
+still reaches the router.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from issuer.app import create_app
+from issuer.hotpath import DatabaseUnavailable
 from issuer.routes import wellknown
+from issuer.routing import DirectRoutes
 from issuer.settings import Settings
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.helpers import assert_error
+from tests.helpers import PASSWORD, assert_error, bearer, login, register
 
 JWKS = "/.well-known/jwks.json"
 OAUTH = "/.well-known/oauth-authorization-server"
@@ -64,7 +67,7 @@ def conditional_cases(etag: str) -> list[tuple[str, Headers]]:
 class Recorder:
     """An ASGI app in front of ``app`` that counts the requests reaching it."""
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.calls: list[tuple[str, str]] = []
 
@@ -122,10 +125,23 @@ def bare_routes(harness: IssuerHarness) -> Starlette:
     return app
 
 
+def documents_ahead_of(below: ASGIApp, harness: IssuerHarness) -> ASGIApp:
+    """The documents' direct routes in front of ``below``, called as Starlette calls its middleware: with
+    the app whose state holds the services and the metadata in the scope."""
+    fast = DirectRoutes(below, wellknown.direct_routes())
+    owner = bare_routes(harness)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = owner
+        await fast(scope, receive, send)
+
+    return app
+
+
 async def test_fast_path_sends_exactly_what_the_routes_send(issuer: IssuerHarness) -> None:
     routes = bare_routes(issuer)
     below = Recorder(routes)
-    fast = wellknown.WellKnownDocuments(below, services=issuer.services, metadata=issuer.app.state.metadata)
+    fast = documents_ahead_of(below, issuer)
     etag = current_etag(issuer)
     compared = 0
     for path in PATHS:
@@ -152,9 +168,7 @@ async def test_fast_path_sends_exactly_what_the_routes_send(issuer: IssuerHarnes
 
 async def test_fast_path_answers_304_only_for_the_jwks(issuer: IssuerHarness) -> None:
     """A spot check of the answers the equivalence above takes from the routes."""
-    fast = wellknown.WellKnownDocuments(
-        bare_routes(issuer), services=issuer.services, metadata=issuer.app.state.metadata
-    )
+    fast = documents_ahead_of(bare_routes(issuer), issuer)
     etag = current_etag(issuer)
     statuses = {}
     for name, headers in conditional_cases(etag):
@@ -176,7 +190,7 @@ async def test_fast_path_answers_304_only_for_the_jwks(issuer: IssuerHarness) ->
 
 async def test_everything_but_get_and_head_of_the_documents_goes_to_the_router(issuer: IssuerHarness) -> None:
     below = Recorder(bare_routes(issuer))
-    fast = wellknown.WellKnownDocuments(below, services=issuer.services, metadata=issuer.app.state.metadata)
+    fast = documents_ahead_of(below, issuer)
     for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
         for path in PATHS:
             status, _, _ = await call_asgi(fast, method, path, [])
@@ -192,13 +206,14 @@ async def test_everything_but_get_and_head_of_the_documents_goes_to_the_router(i
 def without_fast_path(harness: IssuerHarness) -> Starlette:
     """The same issuer (same services, settings and middleware) with the fast path taken out."""
     app = create_app(harness.services.settings, clock=harness.clock, services=harness.services)
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not wellknown.WellKnownDocuments]
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not DirectRoutes]
     assert len(app.user_middleware) == len(harness.app.user_middleware) - 1
     return app
 
 
-def client_for(app: Starlette) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(CLIENT_IP, 40000)), base_url=ISSUER_URL)
+def client_for(app: Starlette, *, raise_app_exceptions: bool = True) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(CLIENT_IP, 40000), raise_app_exceptions=raise_app_exceptions)
+    return httpx.AsyncClient(transport=transport, base_url=ISSUER_URL)
 
 
 def normalized(response: httpx.Response) -> tuple[int, bytes, list[tuple[str, str]]]:
@@ -363,3 +378,142 @@ async def test_the_fast_path_follows_rotation_and_time(issuer: IssuerHarness, cl
         assert (await client.get(JWKS, headers={"If-None-Match": second})).status_code == 200
         assert (await client.get(JWKS, headers={"If-None-Match": third})).status_code == 304
         await assert_same_as_routes(client, routed, [first, second, third])
+
+
+# ---------------------------------------------------------------- /auth/me, with the app's error handling
+
+
+def me_cases(tokens: dict[str, str]) -> list[tuple[str, Headers]]:
+    """(name, request headers): every way a Bearer check can end, each with its own answer."""
+    access = tokens["access"]
+    head, payload, signature = access.split(".")
+    return [
+        ("valid", [("Authorization", f"Bearer {access}")]),
+        ("valid, lower-case scheme", [("Authorization", f"bearer {access}")]),
+        ("no Authorization", []),
+        ("Basic", [("Authorization", "Basic YWxpY2U6cHc=")]),
+        ("empty Bearer", [("Authorization", "Bearer ")]),
+        ("not a JWT", [("Authorization", "Bearer abc.def.ghi")]),
+        ("signature of another token", [("Authorization", f"Bearer {head}.{payload}.{signature[::-1]}")]),
+        ("revoked by logout-all", [("Authorization", f"Bearer {tokens['revoked']}")]),
+        ("account deleted", [("Authorization", f"Bearer {tokens['deleted']}")]),
+    ]
+
+
+async def me_tokens(client: httpx.AsyncClient) -> dict[str, str]:
+    """A live access token, one revoked by logout-all, and one whose account is gone."""
+    await register(client)
+    revoked = (await login(client))["access_token"]
+    assert (await client.post("/auth/logout-all", headers=bearer(revoked))).status_code == 204
+    access = (await login(client))["access_token"]
+    await register(client, email="gone@example.com")
+    deleted = (await login(client, email="gone@example.com"))["access_token"]
+    gone = await client.request("DELETE", "/auth/account", json={"password": PASSWORD}, headers=bearer(deleted))
+    assert gone.status_code == 204
+    return {"access": access, "revoked": revoked, "deleted": deleted}
+
+
+async def test_me_answers_as_it_would_without_the_fast_path(either_issuer: IssuerHarness) -> None:
+    origins: list[Headers] = [[], [("Origin", APP_ORIGIN)], [("Origin", EVIL_ORIGIN)]]
+    async with either_issuer.client() as fast, client_for(without_fast_path(either_issuer)) as routed:
+        cases = me_cases(await me_tokens(fast))
+        statuses = set()
+        for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"):
+            for name, authorization in cases:
+                for origin in origins:
+                    what = (method, name, origin)
+                    headers = [*authorization, *origin]
+                    expected = await routed.request(method, "/auth/me", headers=headers)
+                    got = await fast.request(method, "/auth/me", headers=headers)
+                    assert normalized(got) == normalized(expected), what
+                    statuses.add((method, name, got.status_code))
+        # The comparison covered the answers that matter, not only one kind.
+        assert ("GET", "valid", 200) in statuses
+        assert ("HEAD", "valid", 200) in statuses
+        refused = {status for method, name, status in statuses if method == "GET" and "valid" not in name}
+        assert refused == {401}
+        assert ("POST", "valid", 405) in statuses
+
+
+async def test_me_answers_bodies_and_errors_in_the_contracts_shape(
+    issuer: IssuerHarness, client: httpx.AsyncClient
+) -> None:
+    tokens = await me_tokens(client)
+    me = await client.get("/auth/me", headers=bearer(tokens["access"]))
+    assert me.status_code == 200
+    assert set(me.json()) == {"id", "email", "role", "tokenVersion"}
+    assert me.json()["email"] == "alice@example.com"
+    assert me.headers["content-type"] == "application/json"
+    assert me.headers["cache-control"] == "no-store"
+    assert int(me.headers["content-length"]) == len(me.content)
+    for name, value in SECURITY.items():
+        assert me.headers.get_list(name) == [value]
+    head = await client.head("/auth/me", headers=bearer(tokens["access"]))
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == me.headers["content-length"]
+    for token in (tokens["revoked"], tokens["deleted"]):
+        refused = await client.get("/auth/me", headers=bearer(token))
+        assert_error(refused, 401, "invalid_token")
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        for name, value in SECURITY.items():
+            assert refused.headers.get_list(name) == [value]
+
+
+async def test_get_and_head_of_me_do_not_reach_the_router(issuer: IssuerHarness, client: httpx.AsyncClient) -> None:
+    tokens = await me_tokens(client)
+    counting = Recorder(issuer.app.router.middleware_stack)
+    issuer.app.router.middleware_stack = counting
+    for method in ("GET", "HEAD"):
+        assert (await client.request(method, "/auth/me", headers=bearer(tokens["access"]))).status_code == 200
+        assert (await client.request(method, "/auth/me")).status_code == 401
+    assert counting.calls == []
+    assert (await client.post("/auth/me", headers=bearer(tokens["access"]))).status_code == 405
+    assert (await client.get("/auth/me/", headers=bearer(tokens["access"]))).status_code == 404
+    assert counting.calls == [("POST", "/auth/me"), ("GET", "/auth/me/")]
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "error"),
+    [
+        (DatabaseUnavailable("connection refused"), 503, "temporarily_unavailable"),
+        (ConnectionRefusedError("connection refused"), 503, "temporarily_unavailable"),
+        (RuntimeError("a bug"), 500, "server_error"),
+    ],
+    ids=["database-unavailable", "socket-error", "bug"],
+)
+async def test_me_faults_are_answered_as_through_the_router(
+    issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch, failure: Exception, status: int, error: str
+) -> None:
+    """The user read fails: 503 (retry) for the database, 500 for anything else, in the error shape, with
+    the security headers, and the same through the router."""
+    # A server answers the 500 and logs the exception; httpx would raise it after the answer.
+    fast = client_for(issuer.app, raise_app_exceptions=False)
+    routed = client_for(without_fast_path(issuer), raise_app_exceptions=False)
+    async with fast, routed:
+        access = (await me_tokens(fast))["access"]
+
+        async def failing(user_id: str) -> None:
+            raise failure
+
+        monkeypatch.setattr(issuer.services.bearer, "_users", type("Users", (), {"get": staticmethod(failing)})())
+        for http in (fast, routed):
+            response = await http.get("/auth/me", headers=bearer(access))
+            assert_error(response, status, error)
+            for name, value in SECURITY.items():
+                assert response.headers.get_list(name) == [value]
+        expected = await routed.get("/auth/me", headers=bearer(access))
+        assert normalized(await fast.get("/auth/me", headers=bearer(access))) == normalized(expected)
+
+
+async def test_me_is_timed_under_its_route(issuer: IssuerHarness, client: httpx.AsyncClient) -> None:
+    tokens = await me_tokens(client)
+    for _ in range(3):
+        assert (await client.get("/auth/me", headers=bearer(tokens["access"]))).status_code == 200
+    assert (await client.head("/auth/me")).status_code == 401
+    samples = await scrape(client)
+
+    def count(method: str) -> float:
+        key = ("issuer_request_duration_seconds_count", frozenset({("route", "/auth/me"), ("method", method)}))
+        return samples.get(key, 0.0)
+
+    assert (count("GET"), count("HEAD")) == (3, 1)
