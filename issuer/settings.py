@@ -230,12 +230,13 @@ def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """IP addresses or CIDR networks; anything else stops start-up (silently skipping a mistyped entry
     would make every client look like the proxy, sharing one rate-limit bucket)."""
-    for item in _csv(env, name):
+    items = _csv(env, name)
+    for item in items:
         try:
             ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ConfigError(f"{name}: {item!r} is not an IP address or CIDR network (comma-separated)") from None
-    return _csv(env, name)
+    return items
 
 
 def _issuer_url(env: Mapping[str, str]) -> str:
