@@ -97,6 +97,20 @@ class Snapshot:
         )
 
 
+def settle(server_group: int, *, window: float = 0.1, quiet: float = 0.02, limit: float = 10.0) -> None:
+    """Return once the server's process group has used less than ``quiet`` of one core over ``window``
+    seconds (or after ``limit`` seconds). wrk stops sending, not the server working: a login server still
+    has every queued login to hash, about 100-200 ms of both cores, and a measurement started at once (the
+    next round, or argon2 alone between login rounds) would share the box with it."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = Snapshot.take(server_group)
+        time.sleep(window)
+        use = before.until(Snapshot.take(server_group))
+        if use.server < quiet * use.seconds:
+            return
+
+
 def _box_busy() -> float:
     """CPU-seconds every core has spent busy since boot: user, nice, system, irq and softirq."""
     with open("/proc/stat") as stat:

@@ -147,7 +147,8 @@ def run(
     server_group: int | None = None,
 ) -> LoadResult:
     """One wrk run. With ``server_group`` (the process group of the server under load), it also records
-    where the box's CPU went meanwhile (``bench.cpu``)."""
+    where the box's CPU went meanwhile (``bench.cpu``), and returns once the server has finished what
+    wrk left in flight."""
     lua = workdir / f"script-{abs(hash(script))}.lua"
     lua.write_text(script + DONE)
     command = [
@@ -166,7 +167,10 @@ def run(
     before = None if server_group is None else cpu.Snapshot.take(server_group)
     # A fixed tool on fixed arguments built here; nothing comes from outside the harness.
     out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=seconds + 60)  # noqa: S603
-    use = None if before is None else before.until(cpu.Snapshot.take(before.server_group))
+    use = None
+    if before is not None:
+        use = before.until(cpu.Snapshot.take(before.server_group))
+        cpu.settle(before.server_group)  # the requests still in flight, before anything else is measured
     line = next(line for line in out.stdout.splitlines() if line.startswith("BENCH_JSON "))
     data = json.loads(line.removeprefix("BENCH_JSON "))
     seconds_run = data["duration_us"] / 1e6

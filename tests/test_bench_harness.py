@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from bench import cpu, wrk
 
@@ -77,3 +80,25 @@ def test_between_runs_before_the_first_round_and_after_every_round() -> None:
         {"a": contender("a"), "b": contender("b")}, warmup=1, seconds=1, rounds=3, between=lambda: calls.append("|")
     )
     assert calls == ["a", "b", "|", "a", "b", "|", "b", "a", "|", "a", "b", "|"]
+
+
+def test_settle_waits_for_the_server_to_finish_its_work(tmp_path: Path) -> None:
+    """A server still busy after wrk stops (queued logins) must be done before the next measurement."""
+    done = tmp_path / "done"
+    spin = (
+        "import sys, time\n"
+        "end = time.process_time() + 0.5\n"
+        "while time.process_time() < end:\n"
+        "    pass\n"
+        "open(sys.argv[1], 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    # The test's own interpreter on a fixed script.
+    busy = subprocess.Popen([sys.executable, "-c", spin, str(done)], start_new_session=True)  # noqa: S603
+    try:
+        cpu.settle(busy.pid)
+        assert done.exists(), "settle returned while the server group was still using a core"
+        assert busy.poll() is None  # it is idle now, not gone
+    finally:
+        busy.kill()
+        busy.wait()
