@@ -221,15 +221,7 @@ class Bench:
         def run_once(seconds: int) -> wrk.LoadResult:
             self.vacuum()
             tokens = self.seed_refresh_tokens(self.connections * 4)
-            return wrk.run(
-                server.url + "/auth/refresh",
-                wrk.REFRESH,
-                self.work,
-                arg=str(tokens),
-                seconds=seconds,
-                connections=self.connections,
-                server_group=server.group,
-            )
+            return self.requests(server, "/auth/refresh", wrk.REFRESH, tokens)(seconds)
 
         return run_once
 
