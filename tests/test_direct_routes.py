@@ -1,10 +1,11 @@
 """The direct routes answer exactly what the Starlette routes answer, ahead of the router.
 
 ``DirectRoutes`` serves GET and HEAD of the JWKS and the two metadata documents from pre-rendered bytes
-(``wellknown.direct_routes``). Its definition is the routes in ``issuer/routes/wellknown.py``: every answer
-is compared with the answer the routes give to the same request, both bare (raw ASGI messages, exact
-header lists) and inside the issuer's middleware (security headers, CORS, latency). Everything else
-still reaches the router.
+(``wellknown.direct_routes``), and of ``/auth/me`` through its plain ASGI endpoint behind the app's own
+exception handlers. Their definition is the routes: every answer is compared with the answer the routes
+give to the same request, both bare (raw ASGI messages, exact header lists; the documents) and inside the
+issuer's middleware (security headers, CORS, latency, errors and faults). Everything else still reaches
+the router.
 """
 
 from __future__ import annotations
