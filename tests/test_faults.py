@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
+from issuer.hotpath import HotPool
 from issuer.settings import Settings
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import assert_single_chain
@@ -215,7 +216,7 @@ async def test_idle_pool_connections_killed_then_used(settings: Settings, clock:
         assert hot is not None
         assert hot.open_connections() > 0, "the hot-path pool holds no connection: nothing was killed there"
         assert await _terminate_issuer_backends(pg_url) > 0
-        await _closes_arrived(harness, pooled)
+        await _closes_arrived(hot, pooled)
         await _recovered(harness, sessions)
         assert sample(harness.services, "issuer_database_errors_total") == 0
         await assert_single_chain(harness.services.engine, clock())
@@ -238,14 +239,13 @@ def _pooled_connections(harness: IssuerHarness) -> list[asyncpg.Connection]:
     return seen
 
 
-async def _closes_arrived(harness: IssuerHarness, pooled: list[asyncpg.Connection]) -> None:
-    """Wait (bounded) until the issuer has seen the server close every connection of both its pools.
+async def _closes_arrived(hot: HotPool, pooled: list[asyncpg.Connection]) -> None:
+    """Wait (bounded) until the issuer has seen the server close every connection of both its pools: the
+    hot-path pool and the engine's (``pooled``).
 
     ``pg_terminate_backend`` only signals a backend; it exits, and its close crosses the socket, when the
     scheduler lets it. On a loaded 2-core box that can be after the test's next request."""
     assert pooled, "the engine's pool handed out no connection: nothing was killed there"
-    hot = harness.services.hot
-    assert hot is not None
 
     def still_open() -> int:
         return sum(1 for connection in pooled if not connection.is_closed()) + hot.open_connections()
