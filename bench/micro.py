@@ -18,7 +18,7 @@ from joserfc.jwk import RSAKey
 from joserfc.util import urlsafe_b64decode
 
 from bench.rounds import mirrored
-from issuer.passwords import argon2id
+from issuer.accounts.passwords import argon2id
 from issuer.settings import Argon2Params
 from issuer.verifier import AccessTokenVerifier, JWKSCache
 

@@ -34,9 +34,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from issuer.hotpath import ROTATE_SQL, START_FAMILY_SQL
-from issuer.passwords import argon2id
+from issuer.accounts.passwords import argon2id
 from issuer.settings import Settings
+from issuer.storage.database import ROTATE_SQL, START_FAMILY_SQL
 
 
 async def hello(request: Request) -> JSONResponse:
@@ -54,7 +54,7 @@ POOL: dict[str, asyncpg.Pool] = {}
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     # No reset on release: asyncpg's default reset is a second round trip per request, which the issuer
-    # does not pay either (``issuer.hotpath.HotPool``); the reference must be the best plain version.
+    # does not pay either (``issuer.storage.database.HotPool``); the reference must be the best plain version.
     POOL["pool"] = await asyncpg.create_pool(os.environ["BENCH_PG_DSN"], min_size=10, max_size=10, reset=_no_reset)
     try:
         yield

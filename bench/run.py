@@ -31,10 +31,10 @@ import asyncpg
 import httpx
 
 from bench import micro, servers, wrk
-from issuer import store
-from issuer.db import create_engine
-from issuer.families import FamilyPolicy, RefreshFamilies
+from issuer.sessions.families import FamilyPolicy, RefreshFamilies
 from issuer.settings import Argon2Params, Settings
+from issuer.storage import store
+from issuer.storage.schema import create_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results.json"

@@ -20,16 +20,16 @@ try:
     from sqlalchemy.exc import DBAPIError
     from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    from issuer.cleanup import cleanup
+    from issuer.accounts.lockout import LockoutPolicy
     from issuer.clock import system_clock
-    from issuer.db import create_engine
-    from issuer.key_import import KeyImportError, load_rsa_private_key
-    from issuer.key_manager import KeyManager
-    from issuer.keys import KeyDecryptionError, key_state
-    from issuer.lockout import LockoutPolicy
+    from issuer.keys.importing import KeyImportError, load_rsa_private_key
+    from issuer.keys.manager import KeyManager
+    from issuer.keys.policy import KeyPlan, RotationRefused
+    from issuer.keys.ring import KeyDecryptionError, key_state
     from issuer.logs import uvicorn_log_config
-    from issuer.rotation import KeyPlan, RotationRefused
     from issuer.settings import ConfigError, Settings
+    from issuer.storage.cleanup import cleanup
+    from issuer.storage.schema import create_engine
 except ModuleNotFoundError as exc:
     if (exc.name or "").partition(".")[0] not in SERVER_DEPENDENCIES:
         raise
@@ -159,7 +159,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     _run(lambda: _preflight(settings))
     print(f"issuer: listening on http://{args.host}:{args.port} (iss {settings.issuer_url})", flush=True)
     uvicorn.run(
-        "issuer.app:create_served_app",
+        "issuer.http.app:create_served_app",
         factory=True,
         host=args.host,
         port=args.port,
@@ -189,7 +189,7 @@ async def _preflight(settings: Settings) -> None:
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from issuer.migrate import upgrade
+    from issuer.storage.migrations import upgrade
 
     upgrade(settings.database_url)
     print("issuer: schema is up to date")

@@ -66,7 +66,7 @@ class DirectRoutes:
     stands for: its path is the latency label, and every other method still goes through the router to
     that route (a 405 with Allow). This middleware sits inside the ones that add headers and CORS, so
     those apply as for every route; an endpoint that raises must come with its own exception handling
-    (``issuer.app`` wraps it in the app's handlers).
+    (``issuer.http.app`` wraps it in the app's handlers).
     """
 
     def __init__(self, app: ASGIApp, routes: Mapping[str, tuple[Route, ASGIApp]]) -> None:

@@ -11,21 +11,22 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer import hotpath, store
-from issuer.accounts import Accounts
-from issuer.bearer import BearerAuth
+from issuer.access.bearer import BearerAuth
+from issuer.access.user_lookup import Fetch, UserLookup
+from issuer.accounts.lockout import LockoutPolicy, LoginLockout
+from issuer.accounts.login import PasswordLogin
+from issuer.accounts.passwords import Passwords
+from issuer.accounts.service import Accounts
 from issuer.clock import Clock, system_clock
-from issuer.db import create_engine
-from issuer.families import FamilyPolicy, RefreshFamilies
-from issuer.hotpath import HotPool
-from issuer.key_manager import KeyManager
-from issuer.lockout import LockoutPolicy, LoginLockout
-from issuer.login import PasswordLogin
+from issuer.http.throttle import IpRateLimiter, SharedRateLimiter
+from issuer.keys.manager import KeyManager
 from issuer.metrics import Metrics
-from issuer.passwords import Passwords
+from issuer.sessions.families import FamilyPolicy, RefreshFamilies
 from issuer.settings import Settings
-from issuer.throttle import IpRateLimiter, SharedRateLimiter
-from issuer.user_lookup import Fetch, UserLookup
+from issuer.storage import database as hotpath
+from issuer.storage import store
+from issuer.storage.database import HotPool
+from issuer.storage.schema import create_engine
 
 
 @dataclass

@@ -8,7 +8,7 @@ import os
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from issuer.db import create_engine, metadata
+from issuer.storage.schema import create_engine, metadata
 from issuer.settings import DEFAULT_DATABASE_URL
 
 config = context.config

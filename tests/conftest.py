@@ -23,10 +23,10 @@ import pytest
 from sqlalchemy import text
 from starlette.applications import Starlette
 
-from issuer.app import create_app
-from issuer.migrate import upgrade
+from issuer.http.app import create_app
 from issuer.services import Services
 from issuer.settings import Argon2Params, Secret, Settings
+from issuer.storage.migrations import upgrade
 
 if TYPE_CHECKING:
     from tests.key_support import Cli
@@ -151,7 +151,7 @@ def with_settings(settings: Settings, **changes: object) -> Settings:
 
 
 async def _truncate(url: str) -> None:
-    from issuer.db import create_engine, is_sqlite
+    from issuer.storage.schema import create_engine, is_sqlite
 
     engine = create_engine(url)
     try:

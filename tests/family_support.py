@@ -12,8 +12,8 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer import store
-from issuer.db import families, refresh_tokens
+from issuer.storage import store
+from issuer.storage.schema import families, refresh_tokens
 
 
 def sha256(token: str) -> bytes:

@@ -16,10 +16,10 @@ import pytest
 
 import issuer.cli
 from issuer.cli import main
-from issuer.db import create_engine
-from issuer.keys import KeyRecord
+from issuer.keys.ring import KeyRecord
 from issuer.settings import Settings, encode_kek
-from issuer.store import all_keys
+from issuer.storage.schema import create_engine
+from issuer.storage.store import all_keys
 from tests.conftest import FakeClock
 
 # Every variable Settings.from_environ reads; the CLI gets exactly the test settings, nothing from the host.

@@ -9,10 +9,10 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer.app import create_app
-from issuer.db import login_failures
+from issuer.http.app import create_app
 from issuer.services import Services
 from issuer.settings import Settings
+from issuer.storage.schema import login_failures
 from tests.conftest import FakeClock, IssuerHarness
 
 

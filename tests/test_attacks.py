@@ -18,7 +18,7 @@ from joserfc import jws
 from joserfc import jwt as jose_jwt
 from joserfc.jwk import RSAKey
 
-from issuer.keys import LoadedKey
+from issuer.keys.ring import LoadedKey
 from issuer.settings import Settings
 from issuer.verifier import (
     BadSignature,

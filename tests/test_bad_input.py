@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 from starlette.types import Message
 
-from issuer.db import families, refresh_tokens, users
+from issuer.storage.schema import families, refresh_tokens, users
 from tests.conftest import IssuerHarness
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
 

@@ -2,7 +2,7 @@
 
 The memo may only save the RSA operation for the very token string it checked, with the very key object
 that checked it. Everything else (time claims, key revocation, the user's tokenVersion, the account's
-existence) is decided afresh on every call. ``issuer.bearer.verify_signature`` is counted to tell a memo
+existence) is decided afresh on every call. ``issuer.access.bearer.verify_signature`` is counted to tell a memo
 hit (no RSA work) from a miss.
 """
 
@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-import issuer.bearer as bearer_module
-from issuer import hotpath
-from issuer.bearer import BearerAuth
-from issuer.tokens import mint_access_token
-from issuer.user_lookup import UserLookup
+import issuer.access.bearer as bearer_module
+from issuer.access.bearer import BearerAuth
+from issuer.access.tokens import mint_access_token
+from issuer.access.user_lookup import UserLookup
+from issuer.storage import database as hotpath
 from tests.conftest import IssuerHarness
 from tests.helpers import PASSWORD, assert_error, bearer, login, register
 from tests.key_support import Cli, token_kid

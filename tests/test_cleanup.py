@@ -16,13 +16,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import insert, select
 
-from issuer.cleanup import cleanup
-from issuer.db import create_engine, families, login_failures, rate_buckets, refresh_tokens
 from issuer.errors import InvalidGrant
-from issuer.families import token_hash
+from issuer.http.throttle import SharedRateLimiter
+from issuer.sessions.families import token_hash
 from issuer.settings import Settings
-from issuer.store import User
-from issuer.throttle import SharedRateLimiter
+from issuer.storage.cleanup import cleanup
+from issuer.storage.schema import create_engine, families, login_failures, rate_buckets, refresh_tokens
+from issuer.storage.store import User
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import assert_single_chain
 from tests.helpers import PASSWORD

@@ -20,11 +20,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from issuer.app import create_app
-from issuer.hotpath import DatabaseUnavailable
-from issuer.routes import wellknown
+from issuer.http import wellknown
+from issuer.http.app import create_app
 from issuer.routing import DirectRoutes
 from issuer.settings import Settings
+from issuer.storage.database import DatabaseUnavailable
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.helpers import PASSWORD, assert_error, bearer, login, register
 

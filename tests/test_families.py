@@ -20,11 +20,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer import store
-from issuer.db import families, refresh_tokens, signing_keys, users
 from issuer.errors import InvalidGrant, RefreshTokenReused
-from issuer.families import Rotation
+from issuer.sessions.families import Rotation
 from issuer.settings import Settings
+from issuer.storage import store
+from issuer.storage.schema import families, refresh_tokens, signing_keys, users
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import (
     assert_single_chain,

@@ -24,8 +24,8 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
-from issuer.hotpath import HotPool
 from issuer.settings import Settings
+from issuer.storage.database import HotPool
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import assert_single_chain
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register

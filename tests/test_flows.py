@@ -12,9 +12,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from issuer import store
-from issuer.db import families, refresh_tokens, users
 from issuer.settings import Argon2Params, Settings
+from issuer.storage import store
+from issuer.storage.schema import families, refresh_tokens, users
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
 

@@ -19,12 +19,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sqlalchemy import update
 
-from issuer import keys
-from issuer.db import create_engine, signing_keys
-from issuer.key_manager import KeyManager
-from issuer.keys import KeyRecord, KeyState, encrypt_private_key, new_key_record
+from issuer.keys import ring as keys
+from issuer.keys.manager import KeyManager
+from issuer.keys.ring import KeyRecord, KeyState, encrypt_private_key, new_key_record
 from issuer.settings import Secret, Settings
-from issuer.store import insert_key
+from issuer.storage.schema import create_engine, signing_keys
+from issuer.storage.store import insert_key
 from issuer.verifier import jwks
 from tests.conftest import FakeClock, IssuerHarness
 from tests.helpers import bearer, login, register

@@ -16,9 +16,9 @@ from datetime import timedelta
 import httpx
 import pytest
 
-from issuer.app import create_app
-from issuer.key_manager import KeyManager
-from issuer.keys import KeyDecryptionError
+from issuer.http.app import create_app
+from issuer.keys.manager import KeyManager
+from issuer.keys.ring import KeyDecryptionError
 from issuer.settings import Secret, Settings
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.helpers import assert_error, bearer, login, register

@@ -17,7 +17,7 @@ from functools import cache
 from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc.jwk import RSAKey
 
-from issuer.keys import KeyRecord, KeyRing, LoadedKey, published_kids
+from issuer.keys.ring import KeyRecord, KeyRing, LoadedKey, published_kids
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
 HORIZON = 1000  # seconds: key timestamps fall in [START, START + HORIZON], so they collide often

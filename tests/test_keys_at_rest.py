@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer.app import create_app
-from issuer.db import create_engine, signing_keys
-from issuer.keys import KeyDecryptionError, decrypt_private_key, new_key_record
+from issuer.http.app import create_app
+from issuer.keys.ring import KeyDecryptionError, decrypt_private_key, new_key_record
 from issuer.settings import Secret, Settings
-from issuer.store import insert_key
+from issuer.storage.schema import create_engine, signing_keys
+from issuer.storage.store import insert_key
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 
 PUBLIC_MEMBERS = {"kty", "kid", "use", "alg", "n", "e"}

@@ -21,10 +21,11 @@ from joserfc import jwt as jose_jwt
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.exc import OperationalError
 
-from issuer import hotpath, store
-from issuer.hotpath import DatabaseUnavailable
 from issuer.logs import JsonFormatter
 from issuer.settings import Settings
+from issuer.storage import database as hotpath
+from issuer.storage import store
+from issuer.storage.database import DatabaseUnavailable
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import refresh_cookie_request, set_cookie_attributes
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register

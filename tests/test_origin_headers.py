@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from issuer import hotpath, store
 from issuer.settings import Settings
+from issuer.storage import database as hotpath
+from issuer.storage import store
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import refresh_cookie_request, set_cookie_attributes
 from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register

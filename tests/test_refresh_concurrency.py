@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from issuer import hotpath
 from issuer.settings import Settings
+from issuer.storage import database as hotpath
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import (
     assert_single_chain,

@@ -25,11 +25,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from issuer import store
-from issuer.db import families as families_table
-from issuer.db import refresh_tokens
 from issuer.errors import InvalidGrant
 from issuer.settings import Settings
+from issuer.storage import store
+from issuer.storage.schema import families as families_table
+from issuer.storage.schema import refresh_tokens
 from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.family_support import (
     assert_single_chain,
@@ -48,7 +48,7 @@ class Injected(Exception):
 
 
 def fail_once(monkeypatch: pytest.MonkeyPatch, name: str, exc: BaseException) -> list[int]:
-    """Make ``issuer.store.<name>`` raise ``exc`` on its next call, then behave normally; returns a call log."""
+    """Make ``issuer.storage.store.<name>`` raise ``exc`` on its next call, then behave normally; returns a call log."""
     original = getattr(store, name)
     calls: list[int] = []
 

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from issuer import keys as keys_module
-from issuer.app import create_app
-from issuer.db import create_engine
+from issuer.http.app import create_app
+from issuer.keys import ring as keys_module
 from issuer.services import Services
 from issuer.settings import Settings
+from issuer.storage.schema import create_engine
 from tests.conftest import FakeClock, IssuerHarness, with_settings
 from tests.helpers import bearer, login, refresh_body, register
 

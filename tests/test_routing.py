@@ -16,7 +16,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import Message, Scope
 
-from issuer.app import create_app
+from issuer.http.app import create_app
 from issuer.routing import StaticPathRouter
 from issuer.settings import Settings
 

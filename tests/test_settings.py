@@ -13,7 +13,7 @@ import pytest
 from starlette.requests import Request
 
 from issuer.errors import Forbidden
-from issuer.http import check_origin
+from issuer.http.requests import check_origin
 from issuer.settings import ConfigError, Settings
 
 

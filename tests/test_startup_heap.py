@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from issuer import app as app_module
 from issuer import cli
-from issuer.app import create_app
+from issuer.http import app as app_module
+from issuer.http.app import create_app
 from issuer.settings import Settings
 
 
@@ -52,7 +52,7 @@ def test_issuer_serve_runs_the_freezing_factory(
     monkeypatch.setattr("uvicorn.run", fake_run)
     monkeypatch.setattr(cli.Settings, "from_environ", classmethod(lambda cls, *a, **k: settings))
     assert cli.main(["serve", "--port", "8123"]) == 0
-    assert ran["target"] == "issuer.app:create_served_app"
+    assert ran["target"] == "issuer.http.app:create_served_app"
     assert ran["factory"] is True
     made: dict[str, Any] = {}
     monkeypatch.setattr(app_module, "create_app", lambda **kwargs: made.update(kwargs))

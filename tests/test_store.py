@@ -1,4 +1,4 @@
-"""Storage conformance: every issuer.store function behaves the same on PostgreSQL and SQLite."""
+"""Storage conformance: every issuer.storage.store function behaves the same on PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer import store
-from issuer.db import create_engine, families, refresh_tokens, users
-from issuer.store import DuplicateEmail, Family, User
+from issuer.storage import store
+from issuer.storage.schema import create_engine, families, refresh_tokens, users
+from issuer.storage.store import DuplicateEmail, Family, User
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
 HOUR = timedelta(hours=1)

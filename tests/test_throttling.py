@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from issuer import throttle
-from issuer.lockout import LockoutPolicy
+from issuer.accounts.lockout import LockoutPolicy
+from issuer.http import throttle
+from issuer.http.throttle import IpRateLimiter
 from issuer.settings import Settings
-from issuer.throttle import IpRateLimiter
 from tests.conftest import CLIENT_IP, FakeClock, IssuerHarness, running_issuer, with_settings
 from tests.helpers import PASSWORD, assert_error, bearer, login, register
 from tests.ops_support import (

@@ -1,6 +1,6 @@
 """UserLookup: concurrent bearer calls share one user read, and batching never serves a stale row.
 
-The unit tests drive :class:`~issuer.user_lookup.UserLookup` with a fake fetch that reads its "database" (a
+The unit tests drive :class:`~issuer.access.user_lookup.UserLookup` with a fake fetch that reads its "database" (a
 dict) when the statement starts, as PostgreSQL does, and can be held in flight on an ``asyncio.Event``. The
 integration tests attack the property that matters through the app: once a logout-all has answered 204,
 no /auth/me that starts afterwards is answered from a read taken before it.
@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from issuer import hotpath
-from issuer.bearer import BearerAuth
+from issuer.access.bearer import BearerAuth
+from issuer.access.user_lookup import Fetch, UserLookup
 from issuer.settings import Settings
-from issuer.store import User
-from issuer.user_lookup import Fetch, UserLookup
+from issuer.storage import database as hotpath
+from issuer.storage.store import User
 from tests.conftest import FakeClock, IssuerHarness, running_issuer
 from tests.helpers import assert_error, bearer, login, register
 

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import uvicorn
 
-from issuer.app import create_app
+from issuer.http.app import create_app
 from issuer.settings import Settings
 from issuer.verifier import AccessTokenVerifier, JWKSCache, VerificationError
 from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_MODULES = ("sqlalchemy", "asyncpg", "argon2", "aiosqlite", "alembic", "issuer.app", "issuer.store")
+SERVER_MODULES = ("sqlalchemy", "asyncpg", "argon2", "aiosqlite", "alembic", "issuer.http.app", "issuer.storage.store")
 SERVER_DEPENDENCIES = ("sqlalchemy", "asyncpg", "argon2", "aiosqlite", "alembic", "prometheus_client", "uvicorn")
 
 CHECK = (
@@ -137,9 +137,9 @@ def test_verifier_imports_no_server_modules() -> None:
 
 def test_the_check_can_fail() -> None:
     """Control: importing the server side in the same way is detected."""
-    result = run(CHECK.replace("import issuer.verifier,", "import issuer.verifier, issuer.store,"))
+    result = run(CHECK.replace("import issuer.verifier,", "import issuer.verifier, issuer.storage.store,"))
     assert result.returncode != 0
-    assert "issuer.store" in result.stderr
+    assert "issuer.storage.store" in result.stderr
 
 
 def test_verifier_and_jwks_cache_work_without_server_dependencies_or_starlette() -> None:
@@ -164,7 +164,7 @@ def test_the_example_imports_without_server_dependencies() -> None:
 
 def test_the_block_is_real() -> None:
     """Control: the hook does refuse what it lists, so the passing tests above mean something."""
-    result = run("import issuer.store", blocked=SERVER_DEPENDENCIES)
+    result = run("import issuer.storage.store", blocked=SERVER_DEPENDENCIES)
     assert result.returncode != 0
     assert "refused by the test" in result.stderr
     result = run("import issuer.verifier.starlette", blocked=("starlette",))

@@ -10,13 +10,13 @@ from typing import Any
 from joserfc.jwk import RSAKey
 from starlette.requests import HTTPConnection
 
+from issuer.access.user_lookup import UserLookup
 from issuer.clock import Clock
 from issuer.errors import InvalidToken, Unauthenticated
-from issuer.key_manager import KeyManager
+from issuer.keys.manager import KeyManager
 from issuer.metrics import Metrics
 from issuer.settings import Settings
-from issuer.store import User
-from issuer.user_lookup import UserLookup
+from issuer.storage.store import User
 from issuer.verifier import TokenError
 from issuer.verifier.verify import check_claims_with, claims_registry, key_for, parse_token, verify_signature
 

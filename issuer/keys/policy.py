@@ -1,6 +1,6 @@
 """Key-rotation decisions as pure functions over the key rows and ``now``.
 
-Nothing here touches the database: :mod:`issuer.key_manager` applies the plans inside a transaction and
+Nothing here touches the database: :mod:`issuer.keys.manager` applies the plans inside a transaction and
 re-checks them there, so two replicas deciding at once cannot both act (the ``generation`` column is
 unique; the loser's insert fails and it backs off).
 """
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from issuer.keys import KeyRecord, KeyState, key_state, signing_record
+from issuer.keys.ring import KeyRecord, KeyState, key_state, signing_record
 
 
 class RotationRefused(Exception):

@@ -12,8 +12,8 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from issuer.db import families, refresh_tokens, signing_keys, users
-from issuer.keys import KeyRecord
+from issuer.keys.ring import KeyRecord
+from issuer.storage.schema import families, refresh_tokens, signing_keys, users
 
 
 @dataclass(frozen=True)

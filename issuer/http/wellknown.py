@@ -8,7 +8,7 @@ import json
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from issuer.keys import JwksDocument
+from issuer.keys.ring import JwksDocument
 from issuer.services import Services
 from issuer.settings import Settings
 

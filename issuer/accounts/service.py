@@ -8,10 +8,10 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer import store
+from issuer.accounts.passwords import Passwords
 from issuer.errors import EmailTaken, InvalidCredentials, InvalidRequest, WrongPassword
-from issuer.passwords import Passwords
-from issuer.store import User
+from issuer.storage import store
+from issuer.storage.store import User
 
 MAX_EMAIL_LENGTH = 254
 MIN_PASSWORD_LENGTH = 8

@@ -17,9 +17,9 @@ from datetime import datetime
 from sqlalchemy import case, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from issuer import hotpath
-from issuer.db import rate_buckets, upsert_insert
-from issuer.hotpath import HotPool
+from issuer.storage import database as hotpath
+from issuer.storage.database import HotPool
+from issuer.storage.schema import rate_buckets, upsert_insert
 
 MAX_TRACKED_ADDRESSES = 100_000
 

@@ -8,7 +8,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from issuer import keys
+from issuer.keys import ring as keys
 
 MAX_PEM_BYTES = 64 * 1024
 

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from joserfc import jwt
 
-from issuer.keys import LoadedKey
+from issuer.keys.ring import LoadedKey
 
 
 def mint_access_token(

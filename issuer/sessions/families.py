@@ -20,10 +20,11 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from issuer import hotpath, store
 from issuer.errors import InvalidGrant, NotFound, RefreshTokenReused
-from issuer.hotpath import HotPool
-from issuer.store import Family, User
+from issuer.storage import database as hotpath
+from issuer.storage import store
+from issuer.storage.database import HotPool
+from issuer.storage.store import Family, User
 
 log = logging.getLogger("issuer.audit")
 

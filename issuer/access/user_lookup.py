@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from issuer.store import User
+from issuer.storage.store import User
 
 Fetch = Callable[[list[str]], Awaitable[dict[str, User]]]
 

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import Delete, delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer.db import families, login_failures, rate_buckets, refresh_tokens
+from issuer.storage.schema import families, login_failures, rate_buckets, refresh_tokens
 
 DEFAULT_BATCH = 1000
 

@@ -22,9 +22,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from issuer import hotpath
-from issuer.db import login_failures, upsert_insert
 from issuer.errors import TooManyRequests
+from issuer.storage import database as hotpath
+from issuer.storage.schema import login_failures, upsert_insert
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,14 @@ from datetime import datetime
 
 from sqlalchemy.exc import IntegrityError
 
-from issuer import hotpath
-from issuer.accounts import Accounts
+from issuer.accounts.lockout import LoginLockout
+from issuer.accounts.service import Accounts
 from issuer.clock import Clock
 from issuer.errors import InvalidCredentials
-from issuer.families import IssuedRefresh, RefreshFamilies, token_hash
-from issuer.hotpath import HotPool
-from issuer.lockout import LoginLockout
-from issuer.store import User
+from issuer.sessions.families import IssuedRefresh, RefreshFamilies, token_hash
+from issuer.storage import database as hotpath
+from issuer.storage.database import HotPool
+from issuer.storage.store import User
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT, POOL_TIMEOUT
-from issuer.store import Family, User
+from issuer.storage.schema import COMMAND_TIMEOUT, CONNECT_TIMEOUT, POOL_TIMEOUT
+from issuer.storage.store import Family, User
 
 # The rotation in one statement. ``consumed`` is the race arbiter: under READ COMMITTED, of N concurrent
 # callers with one token the row lock lets exactly one see ``consumed_at IS NULL``; the others re-check

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer import store
 from issuer.clock import Clock
-from issuer.keys import (
+from issuer.keys.policy import KeyPlan, RotationRefused, plan_revocation, plan_rotation, prunable, rotation_due
+from issuer.keys.ring import (
     KeyRecord,
     KeyRing,
     KeyState,
@@ -30,8 +30,8 @@ from issuer.keys import (
     new_key_record,
     signing_record,
 )
-from issuer.rotation import KeyPlan, RotationRefused, plan_revocation, plan_rotation, prunable, rotation_due
 from issuer.settings import Settings
+from issuer.storage import store
 
 log = logging.getLogger("issuer.keys")
 audit = logging.getLogger("issuer.audit")

@@ -22,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
 
-from issuer.cleanup import cleanup
 from issuer.clock import Clock, system_clock
 from issuer.errors import (
     Forbidden,
@@ -33,11 +32,12 @@ from issuer.errors import (
     error_response,
     render_error,
 )
-from issuer.hotpath import DatabaseUnavailable
-from issuer.routes import auth, health, wellknown
+from issuer.http import auth, health, wellknown
 from issuer.routing import DirectRoutes, StaticPathRouter
 from issuer.services import Services
 from issuer.settings import Settings
+from issuer.storage.cleanup import cleanup
+from issuer.storage.database import DatabaseUnavailable
 
 log = logging.getLogger("issuer")
 

@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from issuer.accounts import check_password_shape, normalize_email
+from issuer.access.tokens import mint_access_token
+from issuer.accounts.service import check_password_shape, normalize_email
 from issuer.errors import (
     InvalidCredentials,
     InvalidGrant,
@@ -22,12 +23,11 @@ from issuer.errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
-from issuer.families import IssuedRefresh
-from issuer.http import check_origin, client_ip, read_json_object, user_agent
-from issuer.keys import LoadedKey
+from issuer.http.requests import check_origin, client_ip, read_json_object, user_agent
+from issuer.keys.ring import LoadedKey
 from issuer.services import Services
-from issuer.store import User
-from issuer.tokens import mint_access_token
+from issuer.sessions.families import IssuedRefresh
+from issuer.storage.store import User
 
 log = logging.getLogger("issuer.audit")
 
@@ -204,7 +204,7 @@ class UserInfo:
     Resource services may call this on every request of their own, so it is the issuer's hottest
     authenticated path. It writes its ASGI messages itself, with an encoder made once, instead of building
     a Request and a JSONResponse; the body is what JSONResponse would render. Errors are raised as in every
-    handler, for the app's exception handlers to answer (see ``issuer.app``, which also sends GET and HEAD
+    handler, for the app's exception handlers to answer (see ``issuer.http.app``, which also sends GET and HEAD
     here ahead of the router)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
