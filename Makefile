@@ -15,16 +15,15 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[server,test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[server,test,embedded]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-## Serve on the embedded SQLite default (or DATABASE_URL): migrate, create dev keys if missing, listen.
+## Serve on an embedded PostgreSQL kept in ./.pgdata (or on DATABASE_URL): migrate, create dev keys, listen.
 run: install
-	$(BIN)/issuer migrate
-	$(BIN)/issuer serve --host $(HOST) --port $(PORT)
+	$(BIN)/issuer dev --host $(HOST) --port $(PORT)
 
-## Lint, then the whole suite against a real PostgreSQL (and SQLite for the storage tests).
+## Lint, type-check, then the whole suite on PostgreSQL (TEST_DATABASE_ADMIN_DSN, else 127.0.0.1:5432, else embedded).
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -45,4 +44,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache issuer.egg-info issuer.db issuer.db-wal issuer.db-shm
+	rm -rf $(VENV) .pytest_cache .ruff_cache issuer.egg-info

@@ -6,30 +6,32 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # A resource service installs the package without the server's dependencies; `issuer` then says so in one line.
-SERVER_DEPENDENCIES = ("sqlalchemy", "asyncpg", "aiosqlite", "alembic", "argon2", "prometheus_client", "starlette")
+SERVER_DEPENDENCIES = ("sqlalchemy", "asyncpg", "alembic", "argon2", "prometheus_client", "starlette")
 _missing_server_dependency: str | None = None
 try:
-    from sqlalchemy import inspect
     from sqlalchemy.exc import DBAPIError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     from issuer.accounts.lockout import LockoutPolicy
     from issuer.clock import system_clock
     from issuer.keys.importing import KeyImportError, load_rsa_private_key
     from issuer.keys.manager import KeyManager
+    from issuer.keys.material import KeyDecryptionError
     from issuer.keys.policy import KeyPlan, RotationRefused
-    from issuer.keys.ring import KeyDecryptionError, key_state
+    from issuer.keys.records import key_state
     from issuer.logs import uvicorn_log_config
     from issuer.settings import ConfigError, Settings
     from issuer.storage.cleanup import cleanup
-    from issuer.storage.schema import create_engine
+    from issuer.storage.database import Database, DatabaseUnavailable
+    from issuer.storage.embedded import EmbeddedPostgres, EmbeddedPostgresError, ensure_database
 except ModuleNotFoundError as exc:
     if (exc.name or "").partition(".")[0] not in SERVER_DEPENDENCIES:
         raise
@@ -52,12 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     try:
-        settings = Settings.from_environ()
-        return args.handler(settings, args) or 0
-    except (ConfigError, CommandError, KeyDecryptionError, RotationRefused) as exc:
+        with contextlib.ExitStack() as stack:
+            if args.command == "dev" and not os.environ.get("DATABASE_URL"):
+                os.environ["DATABASE_URL"] = stack.enter_context(_embedded_database(args.data_dir))
+            settings = Settings.from_environ()
+            return args.handler(settings, args) or 0
+    except (ConfigError, CommandError, KeyDecryptionError, RotationRefused, EmbeddedPostgresError) as exc:
         print(f"issuer: {exc}", file=sys.stderr)
         return 1
-    except (DBAPIError, PoolTimeout, OSError, TimeoutError) as exc:
+    except (DatabaseUnavailable, DBAPIError, OSError, TimeoutError) as exc:  # DBAPIError: from Alembic
         print(f"issuer: cannot reach the database ({_short(exc)})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -90,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1)
     serve.set_defaults(handler=_serve)
+
+    dev = commands.add_parser(
+        "dev",
+        help="development: embedded PostgreSQL (if DATABASE_URL is unset), migrate, serve",
+        description="For a laptop (`make run`): with DATABASE_URL unset, start an embedded PostgreSQL keeping its "
+        "data in --data-dir (pip install 'issuer[embedded]'), stopped when the issuer stops; then migrate and serve.",
+    )
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--data-dir", type=Path, default=Path(".pgdata"), help="the embedded database's folder")
+    dev.set_defaults(handler=_dev, workers=1)
 
     migrate = commands.add_parser(
         "migrate", help="bring the schema to the latest version", description="Apply Alembic migrations (idempotent)."
@@ -176,16 +192,27 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _preflight(settings: Settings) -> None:
     """Fail before uvicorn starts, with one line: unreachable database, missing schema, wrong KEK."""
-    engine = create_engine(settings.database_url)
+    db = Database(settings.database_url, size=1)
     try:
-        async with engine.connect() as conn:
-            tables = await conn.run_sync(lambda sync_conn: set(inspect(sync_conn).get_table_names()))
-        if "signing_keys" not in tables:
+        if not await db.has_table("signing_keys"):
             raise CommandError("the database has no schema; run `issuer migrate` first")
-        keys = KeyManager(engine, settings, system_clock)
-        await keys.ensure_signing_key()
+        await KeyManager(db, settings, system_clock).ensure_signing_key()
     finally:
-        await engine.dispose()
+        await db.close()
+
+
+@contextlib.contextmanager
+def _embedded_database(data_dir: Path) -> Iterator[str]:
+    """The URL of database ``issuer`` on an embedded PostgreSQL, running until the block ends."""
+    with EmbeddedPostgres(data_dir.resolve()) as server:
+        url = ensure_database(server.dsn(), "issuer")
+        print(f"issuer: embedded PostgreSQL on {urlsplit(url).hostname}:{urlsplit(url).port}, data in {data_dir}")
+        yield url
+
+
+def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    _migrate(settings, args)
+    return _serve(settings, args)
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -198,16 +225,16 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> None:
-        engine = create_engine(settings.database_url)
+        db = Database(settings.database_url, size=1)
         try:
             report = await cleanup(
-                engine,
+                db,
                 now=system_clock(),
                 retention=timedelta(seconds=settings.cleanup_retention),
                 failure_window=LockoutPolicy(threshold=settings.login_lockout_threshold).window,
             )
         finally:
-            await engine.dispose()
+            await db.close()
         print(
             f"deleted {report.tokens} refresh token(s), {report.families} session(s), "
             f"{report.login_failures} login-failure counter(s)"
@@ -221,13 +248,13 @@ def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def _key_manager(settings: Settings) -> AsyncIterator[KeyManager]:
-    engine = create_engine(settings.database_url)
+    db = Database(settings.database_url, size=1)
     try:
-        manager = KeyManager(engine, settings, system_clock)
+        manager = KeyManager(db, settings, system_clock)
         await manager.reload()  # proves the KEK opens the stored keys before anything is written
         yield manager
     finally:
-        await engine.dispose()
+        await db.close()
 
 
 def _print_plan(plan: KeyPlan) -> None:

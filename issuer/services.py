@@ -1,4 +1,4 @@
-"""The long-lived objects of one issuer process, built once from the settings."""
+"""The long-lived objects of one issuer process, built once from the settings (in the app's lifespan)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from datetime import timedelta
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.access.bearer import BearerAuth
-from issuer.access.user_lookup import Fetch, UserLookup
+from issuer.access.user_lookup import UserLookup
 from issuer.accounts.lockout import LockoutPolicy, LoginLockout
 from issuer.accounts.login import PasswordLogin
 from issuer.accounts.passwords import Passwords
@@ -23,19 +22,16 @@ from issuer.keys.manager import KeyManager
 from issuer.metrics import Metrics
 from issuer.sessions.families import FamilyPolicy, RefreshFamilies
 from issuer.settings import Settings
-from issuer.storage import database as hotpath
-from issuer.storage import store
-from issuer.storage.database import HotPool
-from issuer.storage.schema import create_engine
+from issuer.storage import users
+from issuer.storage.database import Database
 
 
 @dataclass
 class Services:
     settings: Settings
     clock: Clock
-    engine: AsyncEngine
-    # PostgreSQL only: the plain asyncpg pool for the one-statement hot paths (None on SQLite).
-    hot: HotPool | None
+    # The process's one connection pool: every statement goes through it.
+    db: Database
     metrics: Metrics
     keys: KeyManager
     passwords: Passwords
@@ -49,53 +45,41 @@ class Services:
 
     @classmethod
     def build(
-        cls,
-        settings: Settings,
-        clock: Clock = system_clock,
-        engine: AsyncEngine | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        cls, settings: Settings, clock: Clock = system_clock, monotonic: Callable[[], float] = time.monotonic
     ) -> Services:
-        engine = engine or create_engine(settings.database_url, pool_size=settings.db_pool_size)
-        hot = HotPool(engine, settings.db_pool_size) if hotpath.is_postgres(engine) else None
+        db = Database(settings.database_url, settings.db_pool_size)
         metrics = Metrics()
-        keys = KeyManager(engine, settings, clock)
+        keys = KeyManager(db, settings, clock)
         passwords = Passwords(settings.argon2)
         policy = FamilyPolicy(
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl),
             session_max_age=timedelta(seconds=settings.session_max_age),
             reuse_grace=timedelta(seconds=settings.refresh_reuse_grace),
         )
-        accounts = Accounts(engine, passwords)
-        families = RefreshFamilies(engine, policy, successor_secret(settings), hot)
-        lockout = LoginLockout(engine, LockoutPolicy(threshold=settings.login_lockout_threshold))
+        accounts = Accounts(db, passwords)
+        families = RefreshFamilies(db, policy, successor_secret(settings))
+        lockout = LoginLockout(db, LockoutPolicy(threshold=settings.login_lockout_threshold))
         return cls(
             settings=settings,
             clock=clock,
-            engine=engine,
-            hot=hot,
+            db=db,
             metrics=metrics,
             keys=keys,
             passwords=passwords,
             accounts=accounts,
             families=families,
-            bearer=BearerAuth(UserLookup(_users_fetch(engine, hot)), keys, settings, clock, metrics),
+            bearer=BearerAuth(UserLookup(lambda ids: users.by_ids(db, ids)), keys, settings, clock, metrics),
             lockout=lockout,
-            login=PasswordLogin(lockout, accounts, families, hot, clock),
+            login=PasswordLogin(lockout, accounts, families, clock),
             ip_limiter=IpRateLimiter(settings.rate_limit_per_ip, monotonic),
-            account_ip_limiter=SharedRateLimiter(engine, settings.rate_limit_per_ip, "login+register", hot),
+            account_ip_limiter=SharedRateLimiter(db, settings.rate_limit_per_ip, "login+register"),
         )
 
-
-def _users_fetch(engine: AsyncEngine, hot: HotPool | None) -> Fetch:
-    """How a batch of bearer calls reads its users: one hot-path statement, or one portable query."""
-    if hot is not None:
-        return lambda user_ids: hotpath.users_by_id(hot, user_ids)
-
-    async def portable(user_ids: list[str]) -> dict[str, store.User]:
-        async with engine.connect() as conn:
-            return await store.users_by_id(conn, user_ids)
-
-    return portable
+    async def close(self) -> None:
+        """Stop what :meth:`build` started (the app's lifespan calls this on shutdown)."""
+        await self.keys.stop()
+        self.passwords.close()
+        await self.db.close()
 
 
 def successor_secret(settings: Settings) -> bytes:

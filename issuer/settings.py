@@ -17,10 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
-DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./issuer.db"
 DEV_KEK_PATH = Path("keys") / "dev-kek"
 
 
@@ -58,7 +54,8 @@ class Argon2Params:
 class Settings:
     issuer_url: str = "http://127.0.0.1:8000"
     audience: str = "api"
-    database_url: str = DEFAULT_DATABASE_URL
+    # Required in the environment (no default: `make run` starts an embedded PostgreSQL and sets it).
+    database_url: str = ""
     access_token_ttl: int = 900
     refresh_token_ttl: int = 604800
     session_max_age: int = 2592000
@@ -257,19 +254,20 @@ def _issuer_url(env: Mapping[str, str]) -> str:
 _BASE64URL_32 = re.compile(r"^[A-Za-z0-9_-]{43}=?$")
 
 
-SUPPORTED_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 
 
 def _database_url(env: Mapping[str, str]) -> str:
-    value = _nonempty(env, "DATABASE_URL", DEFAULT_DATABASE_URL)
-    try:
-        driver = make_url(value).drivername
-    except ArgumentError:
-        raise ConfigError("DATABASE_URL: not a database URL (e.g. postgresql+asyncpg://user@host/db)") from None
-    if driver not in SUPPORTED_DRIVERS:
+    value = _raw(env, "DATABASE_URL")
+    if value is None:
         raise ConfigError(
-            f"DATABASE_URL: driver {driver!r} is not supported; use postgresql+asyncpg://... or sqlite+aiosqlite:///..."
+            "DATABASE_URL: not set; give the PostgreSQL URL (postgresql://user@host:5432/dbname); "
+            "`make run` starts an embedded PostgreSQL when it is unset"
         )
+    scheme = urlsplit(value).scheme
+    if scheme not in DATABASE_SCHEMES:
+        # Only the scheme is echoed: the rest may hold a password.
+        raise ConfigError(f"DATABASE_URL: scheme {scheme!r} is not PostgreSQL's (postgresql://user@host/dbname)")
     return value
 
 

@@ -1,54 +1,32 @@
 """Shared fixtures: a fresh PostgreSQL database per run, settings, a controllable clock, an app client.
 
-PostgreSQL is found at TEST_DATABASE_ADMIN_URL (default: postgres@127.0.0.1:5432). Without it the
-PostgreSQL tests are skipped locally, and fail under CI=true: a missing database is never a silent pass.
+The server is chosen by ``tests.support.database.admin_dsn``: TEST_DATABASE_ADMIN_DSN, else PostgreSQL on
+127.0.0.1:5432, else an embedded one; nothing is skipped for want of a database.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
 import httpx
 import pytest
-from sqlalchemy import text
-from starlette.applications import Starlette
 
-from issuer.http.app import create_app
-from issuer.services import Services
 from issuer.settings import Argon2Params, Secret, Settings
 from issuer.storage.migrations import upgrade
+from tests.support.clock import FakeClock
+from tests.support.database import admin_dsn
+from tests.support.issuer import ISSUER_URL, IssuerHarness, running_issuer
 
 if TYPE_CHECKING:
-    from tests.key_support import Cli
+    from tests.support.keys import Cli
 
-ADMIN_DSN = os.environ.get("TEST_DATABASE_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 TABLES = ("refresh_tokens", "refresh_families", "users", "signing_keys", "login_failures", "rate_buckets")
-ISSUER_URL = "https://issuer.test"
-CLIENT_IP = "203.0.113.7"
-
-
-class FakeClock:
-    """A clock tests can move; starts at the real time so outside libraries accept its tokens."""
-
-    def __init__(self, start: datetime | None = None) -> None:
-        self.now = (start or datetime.now(UTC)).replace(microsecond=0)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 def run_blocking(fn: Callable[[], object]) -> None:
@@ -70,7 +48,7 @@ def run_blocking(fn: Callable[[], object]) -> None:
 
 def _admin(query: str) -> None:
     async def go() -> None:
-        conn = await asyncpg.connect(ADMIN_DSN, timeout=5)
+        conn = await asyncpg.connect(admin_dsn(), timeout=5)
         try:
             await conn.execute(query)
         finally:
@@ -83,15 +61,8 @@ def _admin(query: str) -> None:
 def pg_url() -> Iterator[str]:
     """A database created for this test run, migrated to head, dropped at the end."""
     name = f"issuer_test_{secrets.token_hex(6)}"
-    try:
-        _admin(f'CREATE DATABASE "{name}"')
-    except (OSError, asyncpg.PostgresError) as exc:
-        message = f"PostgreSQL is not reachable at {ADMIN_DSN}: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    base = ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-    url = f"{base}/{name}"
+    _admin(f'CREATE DATABASE "{name}"')
+    url = f"{admin_dsn().rsplit('/', 1)[0]}/{name}"
     try:
         run_blocking(lambda: upgrade(url))
         yield url
@@ -100,35 +71,16 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'issuer.db'}"
-    run_blocking(lambda: upgrade(url))
-    return url
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def any_db_url(request: pytest.FixtureRequest) -> str:
-    """Both backends, for the storage tests."""
-    return request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
-
-
-@pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
 
 
 @pytest.fixture
-def db_url(pg_url: str) -> str:
-    """Default backend for HTTP tests: PostgreSQL."""
-    return pg_url
-
-
-@pytest.fixture
-def settings(db_url: str) -> Settings:
+def settings(pg_url: str) -> Settings:
     base = Settings(
         issuer_url=ISSUER_URL,
         audience="api",
-        database_url=db_url,
+        database_url=pg_url,
         kek=Secret(secrets.token_bytes(32)),
         kek_is_dev=False,
         cookie_secure=True,
@@ -144,25 +96,12 @@ def settings(db_url: str) -> Settings:
     return base
 
 
-def with_settings(settings: Settings, **changes: object) -> Settings:
-    changed = replace(settings, **changes)  # type: ignore[arg-type]
-    changed.validate()
-    return changed
-
-
 async def _truncate(url: str) -> None:
-    from issuer.storage.schema import create_engine, is_sqlite
-
-    engine = create_engine(url)
+    conn = await asyncpg.connect(url, timeout=5)
     try:
-        async with engine.begin() as conn:
-            if is_sqlite(url):
-                for table in TABLES:
-                    await conn.execute(text(f"DELETE FROM {table}"))
-            else:
-                await conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
     finally:
-        await engine.dispose()
+        await conn.close()
 
 
 @pytest.fixture(autouse=True)
@@ -171,30 +110,6 @@ async def _clean_database(request: pytest.FixtureRequest) -> AsyncIterator[None]
     yield
     if "pg_url" in request.fixturenames:
         await _truncate(request.getfixturevalue("pg_url"))
-
-
-class IssuerHarness:
-    """An app with its lifespan running, and a way to build clients for it."""
-
-    def __init__(self, app: Starlette, clock: FakeClock) -> None:
-        self.app = app
-        self.clock = clock
-
-    @property
-    def services(self) -> Services:
-        return self.app.state.services
-
-    def client(self, ip: str = CLIENT_IP) -> httpx.AsyncClient:
-        transport = httpx.ASGITransport(app=self.app, client=(ip, 40000))
-        return httpx.AsyncClient(transport=transport, base_url=ISSUER_URL)
-
-
-@contextlib.asynccontextmanager
-async def running_issuer(settings: Settings, clock: FakeClock) -> AsyncIterator[IssuerHarness]:
-    """An issuer app with its lifespan (key loading, reload task) running, as uvicorn would run it."""
-    app = create_app(settings, clock=clock)
-    async with app.router.lifespan_context(app):
-        yield IssuerHarness(app, clock)
 
 
 @pytest.fixture
@@ -218,7 +133,7 @@ def cli(
     tmp_path: Path,
 ) -> Cli:
     """Runs the `issuer` command in-process with exactly the test settings (see tests/key_support.py)."""
-    from tests.key_support import Cli
+    from tests.support.keys import Cli
 
     monkeypatch.chdir(tmp_path)  # Settings.from_environ must never create keys/dev-kek in the repository
     return Cli(settings, clock, monkeypatch, capsys)

@@ -12,8 +12,9 @@ import jwt
 import pytest
 
 from issuer.settings import Settings
-from tests.conftest import ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.helpers import bearer, login, refresh_body, register
+from tests.support.clock import FakeClock
+from tests.support.http import bearer, login, refresh_body, register
+from tests.support.issuer import ISSUER_URL, IssuerHarness, running_issuer, with_settings
 
 PUBLIC_MEMBERS = {"kty", "kid", "use", "alg", "n", "e"}
 

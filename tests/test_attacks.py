@@ -34,9 +34,9 @@ from issuer.verifier import (
     WrongType,
     verify_access_token,
 )
-from tests.conftest import IssuerHarness
-from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
-from tests.verifier_support import DELETE, changed
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.issuer import IssuerHarness
+from tests.support.verifier import DELETE, changed
 
 # What the issuer's own endpoints require on top of the verifier's defaults (issuer/bearer.py).
 BEARER_REQUIRED = ("iss", "aud", "sub", "exp", "iat", "jti", "sid", "tokenVersion")

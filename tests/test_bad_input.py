@@ -14,8 +14,8 @@ from sqlalchemy import func, select
 from starlette.types import Message
 
 from issuer.storage.schema import families, refresh_tokens, users
-from tests.conftest import IssuerHarness
-from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.issuer import IssuerHarness
 
 ALICE = "alice@example.com"
 MAX_BODY = 16 * 1024
@@ -58,7 +58,7 @@ async def snapshot(issuer: IssuerHarness) -> dict[str, Any]:
         "emails": select(func.string_agg(users.c.email, ",")),
     }
     result: dict[str, Any] = {}
-    async with issuer.services.engine.connect() as conn:
+    async with issuer.engine.connect() as conn:
         for name, query in queries.items():
             result[name] = (await conn.execute(query)).scalar_one()
     return result

@@ -21,9 +21,9 @@ from issuer.access.bearer import BearerAuth
 from issuer.access.tokens import mint_access_token
 from issuer.access.user_lookup import UserLookup
 from issuer.storage import database as hotpath
-from tests.conftest import IssuerHarness
-from tests.helpers import PASSWORD, assert_error, bearer, login, register
-from tests.key_support import Cli, token_kid
+from tests.support.http import PASSWORD, assert_error, bearer, login, register
+from tests.support.issuer import IssuerHarness
+from tests.support.keys import Cli, token_kid
 
 
 class RsaChecks:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from issuer.storage.store import User
 from sqlalchemy import insert, select
 
 from issuer.errors import InvalidGrant
@@ -22,12 +23,12 @@ from issuer.sessions.families import token_hash
 from issuer.settings import Settings
 from issuer.storage.cleanup import cleanup
 from issuer.storage.schema import create_engine, families, login_failures, rate_buckets, refresh_tokens
-from issuer.storage.store import User
-from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.family_support import assert_single_chain
-from tests.helpers import PASSWORD
-from tests.key_support import Cli
-from tests.ops_support import sample
+from tests.support.clock import FakeClock
+from tests.support.families import assert_single_chain
+from tests.support.http import PASSWORD
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.keys import Cli
+from tests.support.operations import sample
 
 REFRESH_TTL = 600
 SESSION_MAX_AGE = 3000
@@ -36,10 +37,10 @@ WINDOW = timedelta(minutes=15)
 
 
 @pytest.fixture
-async def harness(settings: Settings, clock: FakeClock, any_db_url: str) -> AsyncIterator[IssuerHarness]:
+async def harness(settings: Settings, clock: FakeClock, pg_url: str) -> AsyncIterator[IssuerHarness]:
     configured = with_settings(
         settings,
-        database_url=any_db_url,
+        database_url=pg_url,
         access_token_ttl=60,
         refresh_token_ttl=REFRESH_TTL,
         session_max_age=SESSION_MAX_AGE,
@@ -86,7 +87,7 @@ class World:
 
 
 async def _rows(harness: IssuerHarness) -> tuple[dict[str, dict[str, datetime | None]], dict[bytes, str]]:
-    async with harness.services.engine.connect() as conn:
+    async with harness.engine.connect() as conn:
         family_rows = (await conn.execute(select(families))).mappings().all()
         token_rows = (await conn.execute(select(refresh_tokens))).mappings().all()
     fams = {
@@ -98,7 +99,7 @@ async def _rows(harness: IssuerHarness) -> tuple[dict[str, dict[str, datetime | 
 
 
 async def _token_expiries(harness: IssuerHarness) -> dict[bytes, datetime]:
-    async with harness.services.engine.connect() as conn:
+    async with harness.engine.connect() as conn:
         rows = (await conn.execute(select(refresh_tokens.c.token_hash, refresh_tokens.c.expires_at))).all()
     return {row.token_hash: row.expires_at for row in rows}
 
@@ -203,7 +204,7 @@ async def test_cleanup_in_tiny_batches_removes_everything(harness: IssuerHarness
 
 
 async def test_cleanup_leaves_login_failures_that_still_matter(harness: IssuerHarness) -> None:
-    engine = harness.services.engine
+    engine = harness.engine
     now = harness.clock()
     old = now - WINDOW - timedelta(seconds=1)
     rows = [
@@ -292,7 +293,7 @@ async def test_cleanup_cli(
         dead = await world.login(0)
         await world.refresh(dead, 100)
         live = await world.login(4000)
-        async with running.services.engine.begin() as conn:
+        async with running.engine.begin() as conn:
             await conn.execute(
                 insert(login_failures).values(
                     email="stale@example.com",
@@ -337,8 +338,8 @@ async def test_cleanup_cli_database_unreachable(
     assert result.err_lines[0].startswith("issuer: cannot reach the database")
 
 
-async def test_cleanup_drops_only_idle_rate_buckets(any_db_url: str) -> None:
-    engine = create_engine(any_db_url)
+async def test_cleanup_drops_only_idle_rate_buckets(pg_url: str) -> None:
+    engine = create_engine(pg_url)
     try:
         limiter = SharedRateLimiter(engine, 10, "login+register")
         start = datetime(2030, 1, 1, tzinfo=UTC)

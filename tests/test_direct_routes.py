@@ -16,17 +16,18 @@ from typing import Any
 
 import httpx
 import pytest
+from issuer.routing import DirectRoutes
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from issuer.http import wellknown
 from issuer.http.app import create_app
-from issuer.routing import DirectRoutes
 from issuer.settings import Settings
 from issuer.storage.database import DatabaseUnavailable
-from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.helpers import PASSWORD, assert_error, bearer, login, register
+from tests.support.clock import FakeClock
+from tests.support.http import PASSWORD, assert_error, bearer, login, register
+from tests.support.issuer import CLIENT_IP, ISSUER_URL, IssuerHarness, running_issuer, with_settings
 
 JWKS = "/.well-known/jwks.json"
 OAUTH = "/.well-known/oauth-authorization-server"

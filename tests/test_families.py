@@ -25,8 +25,8 @@ from issuer.sessions.families import Rotation
 from issuer.settings import Settings
 from issuer.storage import store
 from issuer.storage.schema import families, refresh_tokens, signing_keys, users
-from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.family_support import (
+from tests.support.clock import FakeClock
+from tests.support.families import (
     assert_single_chain,
     family_of,
     family_row,
@@ -38,7 +38,8 @@ from tests.family_support import (
     token_count,
     token_row,
 )
-from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings
 
 GRACE = 10
 BASE64URL_256 = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -47,11 +48,11 @@ MakeIssuer = Callable[..., contextlib.AbstractAsyncContextManager[IssuerHarness]
 
 
 @pytest.fixture
-def make_issuer(settings: Settings, clock: FakeClock, any_db_url: str) -> MakeIssuer:
+def make_issuer(settings: Settings, clock: FakeClock, pg_url: str) -> MakeIssuer:
     """An issuer on the parametrized backend, with optional setting changes."""
 
     def make(**changes: Any) -> contextlib.AbstractAsyncContextManager[IssuerHarness]:
-        return running_issuer(with_settings(settings, database_url=any_db_url, **changes), clock)
+        return running_issuer(with_settings(settings, database_url=pg_url, **changes), clock)
 
     return make
 
@@ -82,7 +83,7 @@ async def rotate_ok(client: httpx.AsyncClient, token: str) -> dict[str, Any]:
 
 
 def engine_of(app: IssuerHarness) -> AsyncEngine:
-    return app.services.engine
+    return app.engine
 
 
 def reuse_count(app: IssuerHarness) -> float:

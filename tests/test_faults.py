@@ -26,10 +26,11 @@ from sqlalchemy.engine import make_url
 
 from issuer.settings import Settings
 from issuer.storage.database import HotPool
-from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.family_support import assert_single_chain
-from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
-from tests.ops_support import retry_after, sample
+from tests.support.clock import FakeClock
+from tests.support.families import assert_single_chain
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.operations import retry_after, sample
 
 HANG_LIMIT = 15.0  # seconds; far above the issuer's own bounds (connect 5 s, pool 5 s, command 10 s)
 USERS = 6
@@ -196,7 +197,7 @@ async def test_backends_terminated_under_load(settings: Settings, clock: FakeClo
         assert sample(harness.services, "issuer_database_errors_total") == len(failures)
 
         await _recovered(harness, sessions)
-        await assert_single_chain(harness.services.engine, clock())
+        await assert_single_chain(harness.engine, clock())
 
 
 async def test_idle_pool_connections_killed_then_used(settings: Settings, clock: FakeClock, pg_url: str) -> None:
@@ -219,7 +220,7 @@ async def test_idle_pool_connections_killed_then_used(settings: Settings, clock:
         await _closes_arrived(hot, pooled)
         await _recovered(harness, sessions)
         assert sample(harness.services, "issuer_database_errors_total") == 0
-        await assert_single_chain(harness.services.engine, clock())
+        await assert_single_chain(harness.engine, clock())
 
 
 async def _one_me(harness: IssuerHarness, session: Session) -> None:
@@ -235,7 +236,7 @@ def _pooled_connections(harness: IssuerHarness) -> list[asyncpg.Connection]:
         if dbapi_connection is not None and dbapi_connection.driver_connection not in seen:
             seen.append(dbapi_connection.driver_connection)
 
-    event.listen(harness.services.engine.sync_engine.pool, "checkin", on_checkin)
+    event.listen(harness.engine.sync_engine.pool, "checkin", on_checkin)
     return seen
 
 
@@ -439,7 +440,7 @@ async def test_unreachable_database_gives_503_then_recovers(
         proxy.restore()
         await _recovered(harness, sessions)
 
-        await assert_single_chain(harness.services.engine, clock())
+        await assert_single_chain(harness.engine, clock())
 
 
 async def test_key_reload_while_unreachable_keeps_serving_keys(
@@ -500,4 +501,4 @@ async def test_partitioned_database_gives_503_within_bounded_time(
 
         proxy.restore()
         await _recovered(harness, sessions)
-        await assert_single_chain(harness.services.engine, clock())
+        await assert_single_chain(harness.engine, clock())

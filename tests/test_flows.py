@@ -15,8 +15,9 @@ from sqlalchemy import func, select
 from issuer.settings import Argon2Params, Settings
 from issuer.storage import store
 from issuer.storage.schema import families, refresh_tokens, users
-from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.clock import FakeClock
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.issuer import CLIENT_IP, ISSUER_URL, IssuerHarness, running_issuer, with_settings
 
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
@@ -134,7 +135,7 @@ def assert_invalid_token(response: httpx.Response) -> None:
 
 
 async def count_rows(issuer: IssuerHarness, table: Any, *where: Any) -> int:
-    async with issuer.services.engine.connect() as conn:
+    async with issuer.engine.connect() as conn:
         query = select(func.count()).select_from(table)
         if where:
             query = query.where(*where)
@@ -245,11 +246,11 @@ async def test_login_wrong_password_and_unknown_email_are_indistinguishable(clie
 
 @pytest.mark.parametrize("lockout", [0, 5])
 async def test_account_deleted_during_the_password_check_is_401_not_503(
-    settings: Settings, clock: FakeClock, any_db_url: str, monkeypatch: pytest.MonkeyPatch, lockout: int
+    settings: Settings, clock: FakeClock, pg_url: str, monkeypatch: pytest.MonkeyPatch, lockout: int
 ) -> None:
     """The account is read before the hash and the session written after it; a deletion in between is the
     client's race, not a fault: the login answers like an unknown email and writes nothing."""
-    configured = with_settings(settings, database_url=any_db_url, login_lockout_threshold=lockout)
+    configured = with_settings(settings, database_url=pg_url, login_lockout_threshold=lockout)
     async with running_issuer(configured, clock) as harness, harness.client() as client:
         user = await register(client)
         svc = harness.services
@@ -313,7 +314,7 @@ async def test_rotated_token_is_rejected_after_grace_and_reuse_kills_newest(
     assert_error(await refresh_body(client, t0), 401, "invalid_grant")
     sessions = await client.get("/auth/sessions", headers=bearer(access2))
     assert sid not in {s["id"] for s in sessions.json()["sessions"]}
-    async with issuer.services.engine.connect() as conn:
+    async with issuer.engine.connect() as conn:
         reason = (await conn.execute(select(families.c.revoked_reason).where(families.c.id == sid))).scalar_one()
     assert reason is not None
 
@@ -587,7 +588,7 @@ async def test_delete_someone_elses_or_unknown_session_is_404(issuer: IssuerHarn
 
     # Alice's session survived Bob's attempt.
     assert (await refresh_body(client, alice["refresh_token"])).status_code == 200
-    async with issuer.services.engine.connect() as conn:
+    async with issuer.engine.connect() as conn:
         revoked = (await conn.execute(select(families.c.revoked_at).where(families.c.id == alice_sid))).scalar_one()
     assert revoked is None
 
@@ -899,7 +900,7 @@ async def test_raised_argon2_parameters_rehash_at_the_next_login(settings: Setti
         await register(client, email="rehash@example.com")
     stronger = with_settings(settings, argon2=Argon2Params(memory_cost_kib=2048, time_cost=2, parallelism=1))
     async with running_issuer(stronger, clock) as new, new.client() as client:
-        engine = new.services.engine
+        engine = new.engine
         async with engine.connect() as conn:
             before = (await conn.execute(select(users.c.password_hash))).scalar_one()
         assert "m=1024,t=1" in before

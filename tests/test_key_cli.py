@@ -17,18 +17,20 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from issuer.storage.store import insert_key
 from sqlalchemy import update
 
 from issuer.keys import ring as keys
 from issuer.keys.manager import KeyManager
-from issuer.keys.ring import KeyRecord, KeyState, encrypt_private_key, new_key_record
+from issuer.keys.material import encrypt_private_key, new_key_record
+from issuer.keys.records import KeyRecord, KeyState
 from issuer.settings import Secret, Settings
 from issuer.storage.schema import create_engine, signing_keys
-from issuer.storage.store import insert_key
 from issuer.verifier import jwks
-from tests.conftest import FakeClock, IssuerHarness
-from tests.helpers import bearer, login, register
-from tests.key_support import (
+from tests.support.clock import FakeClock
+from tests.support.http import bearer, login, register
+from tests.support.issuer import IssuerHarness
+from tests.support.keys import (
     Cli,
     assert_refused,
     by_kid,

@@ -18,11 +18,12 @@ import pytest
 
 from issuer.http.app import create_app
 from issuer.keys.manager import KeyManager
-from issuer.keys.ring import KeyDecryptionError
+from issuer.keys.material import KeyDecryptionError
 from issuer.settings import Secret, Settings
-from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.helpers import assert_error, bearer, login, register
-from tests.key_support import Cli, by_kid, fetch_jwks, jwks_kids, key_rows, token_kid, verify_with_jwks
+from tests.support.clock import FakeClock
+from tests.support.http import assert_error, bearer, login, register
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.keys import Cli, by_kid, fetch_jwks, jwks_kids, key_rows, token_kid, verify_with_jwks
 
 JWKS = "/.well-known/jwks.json"
 
@@ -360,5 +361,5 @@ async def test_app_with_a_wrong_kek_fails_at_startup_and_writes_nothing(settings
             async with app.router.lifespan_context(app):
                 pytest.fail("the app started with a KEK that does not open its keys")
     finally:
-        await app.state.services.engine.dispose()
+        await app.state.engine.dispose()
     assert await key_rows(settings.database_url) == before

@@ -17,7 +17,8 @@ from functools import cache
 from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc.jwk import RSAKey
 
-from issuer.keys.ring import KeyRecord, KeyRing, LoadedKey, published_kids
+from issuer.keys.records import KeyRecord, published_kids
+from issuer.keys.ring import KeyRing, LoadedKey
 
 START = datetime(2030, 1, 1, tzinfo=UTC)
 HORIZON = 1000  # seconds: key timestamps fall in [START, START + HORIZON], so they collide often

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from issuer.keys.manager import KeyManager
 from issuer.keys.policy import KeyPlan, RotationRefused, plan_revocation, plan_rotation, rotation_due
-from issuer.keys.ring import KeyRecord, KeyState, key_state, published_kids, signing_record
+from issuer.keys.records import KeyRecord, KeyState, key_state, published_kids, signing_record
 from issuer.settings import Settings
 
 SETTINGS = Settings(

@@ -14,15 +14,16 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from issuer.storage.store import insert_key
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.http.app import create_app
-from issuer.keys.ring import KeyDecryptionError, decrypt_private_key, new_key_record
+from issuer.keys.material import KeyDecryptionError, decrypt_private_key, new_key_record
 from issuer.settings import Secret, Settings
 from issuer.storage.schema import create_engine, signing_keys
-from issuer.storage.store import insert_key
-from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
+from tests.support.clock import FakeClock
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings
 
 PUBLIC_MEMBERS = {"kty", "kid", "use", "alg", "n", "e"}
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
@@ -84,7 +85,7 @@ async def start_issuer(settings: Settings, clock: FakeClock) -> None:
         async with app.router.lifespan_context(app):
             pass
     finally:
-        await app.state.services.engine.dispose()
+        await app.state.engine.dispose()
 
 
 @pytest.fixture
@@ -236,11 +237,11 @@ async def test_failed_startup_closes_its_connection_pool(
     async with running_issuer(settings, clock):
         pass
     app = create_app(with_settings(settings, kek=Secret(secrets.token_bytes(32))), clock=clock)
-    pool = app.state.services.engine.pool
+    pool = app.state.engine.pool
     try:
         with pytest.raises(KeyDecryptionError):
             async with app.router.lifespan_context(app):
                 pass
         assert pool.checkedin() == 0, "an idle connection was left open in the pool"
     finally:
-        await app.state.services.engine.dispose()
+        await app.state.engine.dispose()

@@ -12,8 +12,8 @@ import pytest
 
 from issuer.logs import JsonFormatter
 from issuer.settings import encode_kek
-from tests.conftest import IssuerHarness
-from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.issuer import IssuerHarness
 
 WRONG_PASSWORD = "Tr0ub4dor&3 wrong guess"
 SECOND_PASSWORD = "a second very secret passphrase"

@@ -26,10 +26,11 @@ from issuer.settings import Settings
 from issuer.storage import database as hotpath
 from issuer.storage import store
 from issuer.storage.database import DatabaseUnavailable
-from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.family_support import refresh_cookie_request, set_cookie_attributes
-from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
-from tests.ops_support import FakeMonotonic, running_issuer_with_monotonic
+from tests.support.clock import FakeClock
+from tests.support.families import refresh_cookie_request, set_cookie_attributes
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.operations import FakeMonotonic, running_issuer_with_monotonic
 
 WRONG = "definitely not it"
 USER_AGENT = "TestBrowser/1.0 (audit)"

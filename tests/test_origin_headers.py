@@ -12,10 +12,11 @@ import pytest
 from issuer.settings import Settings
 from issuer.storage import database as hotpath
 from issuer.storage import store
-from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.family_support import refresh_cookie_request, set_cookie_attributes
-from tests.helpers import PASSWORD, assert_error, bearer, login, refresh_body, register
-from tests.ops_support import FakeMonotonic, running_issuer_with_monotonic
+from tests.support.clock import FakeClock
+from tests.support.families import refresh_cookie_request, set_cookie_attributes
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.issuer import CLIENT_IP, ISSUER_URL, IssuerHarness, running_issuer, with_settings
+from tests.support.operations import FakeMonotonic, running_issuer_with_monotonic
 
 APP = "https://app.example"
 EVIL = "https://evil.example"
@@ -97,7 +98,7 @@ async def test_cookie_login_from_foreign_origin_is_403_and_writes_nothing(browse
     would plant the attacker's session cookie in the victim's browser."""
     async with browser_app.client() as client:
         await register(client)
-    engine = browser_app.services.engine
+    engine = browser_app.engine
     async with engine.connect() as conn:
         user = await store.user_by_email(conn, "alice@example.com")
     assert user is not None

@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from issuer.settings import Settings
-from issuer.storage import database as hotpath
-from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.family_support import (
+from issuer.storage import sessions as session_store
+from tests.support.clock import FakeClock
+from tests.support.families import (
     assert_single_chain,
     family_of,
     family_row,
@@ -25,7 +25,8 @@ from tests.family_support import (
     live_tokens,
     token_row,
 )
-from tests.helpers import assert_error, login, refresh_body, register
+from tests.support.http import assert_error, login, refresh_body, register
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings
 
 RACERS = 50
 
@@ -38,7 +39,7 @@ async def strict_issuer(settings: Settings, clock: FakeClock) -> AsyncIterator[I
 
 
 class Contention:
-    """Wraps ``hotpath.rotate`` to record how many consuming statements were in flight at once.
+    """Wraps ``issuer.storage.sessions.rotate`` to record how many consuming statements were in flight at once.
 
     A race that the test harness accidentally serialized would prove nothing, so every race asserts that
     several requests were inside the conditional UPDATE together (i.e. contending in PostgreSQL).
@@ -47,7 +48,7 @@ class Contention:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.in_flight = 0
         self.peak = 0
-        original = hotpath.rotate
+        original = session_store.rotate
 
         async def rotate(*args: object, **kwargs: object) -> object:
             self.in_flight += 1
@@ -57,7 +58,7 @@ class Contention:
             finally:
                 self.in_flight -= 1
 
-        monkeypatch.setattr(hotpath, "rotate", rotate)
+        monkeypatch.setattr(session_store, "rotate", rotate)
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def outcome(responses: list[httpx.Response]) -> Counter[tuple[int, str]]:
 async def test_strict_race_has_exactly_one_winner_then_revokes(
     strict_issuer: IssuerHarness, contention: Contention, round_: int
 ) -> None:
-    engine = strict_issuer.services.engine
+    engine = strict_issuer.engine
     clock = strict_issuer.clock
     async with strict_issuer.client() as client:
         await register(client, f"racer{round_}@example.com")
@@ -130,7 +131,7 @@ async def test_strict_race_has_exactly_one_winner_then_revokes(
 
 async def test_grace_race_returns_one_successor_to_everyone(issuer: IssuerHarness, contention: Contention) -> None:
     assert issuer.services.settings.refresh_reuse_grace == 10
-    engine = issuer.services.engine
+    engine = issuer.engine
     clock = issuer.clock
     async with issuer.client() as client:
         await register(client)
@@ -179,7 +180,7 @@ async def test_grace_race_returns_one_successor_to_everyone(issuer: IssuerHarnes
 
 async def test_grace_race_on_the_successor_after_a_replay_race(issuer: IssuerHarness, contention: Contention) -> None:
     """Two consecutive races: the replayed successor is itself raced; still one chain, one live token."""
-    engine = issuer.services.engine
+    engine = issuer.engine
     clock = issuer.clock
     async with issuer.client() as client:
         await register(client)
@@ -202,7 +203,7 @@ async def test_grace_race_on_the_successor_after_a_replay_race(issuer: IssuerHar
 
 async def test_strict_race_across_many_families_at_once(strict_issuer: IssuerHarness, contention: Contention) -> None:
     """Ten families each raced by five requests, all interleaved: each family has exactly one winner."""
-    engine = strict_issuer.services.engine
+    engine = strict_issuer.engine
     async with strict_issuer.client() as client:
         await register(client)
         tokens = [(await login(client))["refresh_token"] for _ in range(10)]
@@ -225,7 +226,7 @@ async def test_replays_racing_the_next_rotation_keep_one_chain(issuer: IssuerHar
     successor or its own successor is ever handed out, and unless the family was revoked, it has exactly
     one live token.
     """
-    engine, clock = issuer.services.engine, issuer.clock
+    engine, clock = issuer.engine, issuer.clock
     families_service = issuer.services.families
     async with issuer.client() as client:
         await register(client)

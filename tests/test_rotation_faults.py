@@ -30,8 +30,8 @@ from issuer.settings import Settings
 from issuer.storage import store
 from issuer.storage.schema import families as families_table
 from issuer.storage.schema import refresh_tokens
-from tests.conftest import CLIENT_IP, ISSUER_URL, FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.family_support import (
+from tests.support.clock import FakeClock
+from tests.support.families import (
     assert_single_chain,
     family_of,
     family_row,
@@ -40,7 +40,8 @@ from tests.family_support import (
     token_count,
     token_row,
 )
-from tests.helpers import assert_error, login, refresh_body, register
+from tests.support.http import assert_error, login, refresh_body, register
+from tests.support.issuer import CLIENT_IP, ISSUER_URL, IssuerHarness, running_issuer, with_settings
 
 
 class Injected(Exception):
@@ -97,8 +98,8 @@ async def assert_untouched(engine: AsyncEngine, token: str, family_id: str, cloc
 
 
 @pytest.fixture
-async def any_issuer(settings: Settings, clock: FakeClock, any_db_url: str) -> AsyncIterator[IssuerHarness]:
-    async with running_issuer(with_settings(settings, database_url=any_db_url), clock) as harness:
+async def any_issuer(settings: Settings, clock: FakeClock, pg_url: str) -> AsyncIterator[IssuerHarness]:
+    async with running_issuer(with_settings(settings, database_url=pg_url), clock) as harness:
         yield harness
 
 
@@ -113,7 +114,7 @@ async def _logged_in(harness: IssuerHarness) -> tuple[str, str]:
     async with harness.client() as client:
         await register(client)
         token = (await login(client))["refresh_token"]
-    return token, await family_of(harness.services.engine, token)
+    return token, await family_of(harness.engine, token)
 
 
 # Every store call made inside the rotation's transaction after the token was consumed.
@@ -125,7 +126,7 @@ FAULT_POINTS = ["family_by_id", "insert_token", "touch_family", "user_by_id"]
 async def test_failure_after_consume_rolls_back(
     sqlite_issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch, point: str, exc: BaseException
 ) -> None:
-    engine, clock, families = sqlite_issuer.services.engine, sqlite_issuer.clock, sqlite_issuer.services.families
+    engine, clock, families = sqlite_issuer.engine, sqlite_issuer.clock, sqlite_issuer.services.families
     token, family_id = await _logged_in(sqlite_issuer)
     consumed_in_failed_attempt: list[str | None] = []
     original_consume = store.consume_token
@@ -161,7 +162,7 @@ async def test_failure_after_consume_rolls_back(
 async def test_failure_while_revoking_on_reuse_leaves_family_to_be_revoked_on_retry(
     any_issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine, clock, families = any_issuer.services.engine, any_issuer.clock, any_issuer.services.families
+    engine, clock, families = any_issuer.engine, any_issuer.clock, any_issuer.services.families
     token, family_id = await _logged_in(any_issuer)
     successor = (await families.rotate(token, now=clock())).refresh.token
     clock.advance(3600)
@@ -178,7 +179,7 @@ async def test_failure_while_revoking_on_reuse_leaves_family_to_be_revoked_on_re
 
 async def test_cancelled_rotation_rolls_back(sqlite_issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request task cancelled mid-rotation (client gone, server shutting down) consumes nothing."""
-    engine, clock, families = sqlite_issuer.services.engine, sqlite_issuer.clock, sqlite_issuer.services.families
+    engine, clock, families = sqlite_issuer.engine, sqlite_issuer.clock, sqlite_issuer.services.families
     token, family_id = await _logged_in(sqlite_issuer)
     reached = asyncio.Event()
     original = store.insert_token
@@ -218,7 +219,7 @@ async def test_cancelled_rotation_rolls_back(sqlite_issuer: IssuerHarness, monke
 async def test_database_error_during_refresh_is_503_and_family_intact(
     issuer: IssuerHarness, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, exc: BaseException
 ) -> None:
-    engine, clock = issuer.services.engine, issuer.clock
+    engine, clock = issuer.engine, issuer.clock
     await register(client)
     token = (await login(client))["refresh_token"]
     family_id = await family_of(engine, token)
@@ -244,7 +245,7 @@ async def test_database_error_on_cookie_refresh_keeps_the_cookie(
     issuer: IssuerHarness, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 503 must not clear or replace the browser's refresh cookie: the old token is still the live one."""
-    engine, clock = issuer.services.engine, issuer.clock
+    engine, clock = issuer.engine, issuer.clock
     await register(client)
     response = await client.post(
         "/auth/login", json={"email": "alice@example.com", "password": "correct horse battery"}
@@ -262,7 +263,7 @@ async def test_database_error_on_cookie_refresh_keeps_the_cookie(
 async def test_database_error_during_logout_is_503_not_a_false_204(
     issuer: IssuerHarness, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = issuer.services.engine
+    engine = issuer.engine
     await register(client)
     token = (await login(client))["refresh_token"]
     family_id = await family_of(engine, token)
@@ -277,7 +278,7 @@ async def test_database_error_during_logout_is_503_not_a_false_204(
 async def test_unexpected_error_during_refresh_is_500_json_and_family_intact(
     issuer: IssuerHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine, clock = issuer.services.engine, issuer.clock
+    engine, clock = issuer.engine, issuer.clock
     transport = httpx.ASGITransport(app=issuer.app, client=(CLIENT_IP, 40000), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url=ISSUER_URL) as client:
         await register(client)
@@ -304,7 +305,7 @@ async def test_statement_failing_after_the_consume_rolls_back_entirely(
 ) -> None:
     """A real fault inside the one-statement rotation, after its UPDATE has consumed the token: the successor
     INSERT hits a row already holding the successor's hash. PostgreSQL must undo the consume as well."""
-    engine, clock, families = issuer.services.engine, issuer.clock, issuer.services.families
+    engine, clock, families = issuer.engine, issuer.clock, issuer.services.families
     await register(client)
     token = (await login(client))["refresh_token"]
     family_id = await family_of(engine, token)
@@ -338,7 +339,7 @@ async def test_database_connection_killed_mid_rotation(issuer: IssuerHarness, cl
     Another transaction holds the family's row lock, so the statement waits in the server between its
     consuming UPDATE and its family UPDATE; that backend is then terminated (as in a crash or failover).
     """
-    engine, clock = issuer.services.engine, issuer.clock
+    engine, clock = issuer.engine, issuer.clock
     await register(client)
     token = (await login(client))["refresh_token"]
     family_id = await family_of(engine, token)
@@ -401,7 +402,7 @@ async def test_rotation_cancelled_while_waiting_for_the_row_lock(
     Another transaction holds the token's row lock, so the consuming UPDATE waits in the server; the
     request task is cancelled there. The short polling below only waits for that server state to appear.
     """
-    engine, clock, families = issuer.services.engine, issuer.clock, issuer.services.families
+    engine, clock, families = issuer.engine, issuer.clock, issuer.services.families
     await register(client)
     token = (await login(client))["refresh_token"]
     family_id = await family_of(engine, token)
@@ -436,7 +437,7 @@ async def test_account_deleted_while_a_replay_is_decided(
     successor. The replay must then be refused as invalid_grant (not a 500, and no token for a deleted
     account).
     """
-    engine, clock = any_issuer.services.engine, any_issuer.clock
+    engine, clock = any_issuer.engine, any_issuer.clock
     transport = httpx.ASGITransport(app=any_issuer.app, client=(CLIENT_IP, 40000), raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url=ISSUER_URL) as client:
         await register(client)

@@ -24,8 +24,9 @@ from issuer.keys import ring as keys_module
 from issuer.services import Services
 from issuer.settings import Settings
 from issuer.storage.schema import create_engine
-from tests.conftest import FakeClock, IssuerHarness, with_settings
-from tests.helpers import bearer, login, refresh_body, register
+from tests.support.clock import FakeClock
+from tests.support.http import bearer, login, refresh_body, register
+from tests.support.issuer import IssuerHarness, with_settings
 
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
@@ -228,9 +229,9 @@ async def test_the_counter_sees_transactions(counted: tuple[IssuerHarness, Count
     harness, proxy = counted
     from sqlalchemy import text
 
-    async with harness.services.engine.begin() as conn:
+    async with harness.engine.begin() as conn:
         await conn.execute(text("SELECT 1"))
     before = proxy.round_trips
-    async with harness.services.engine.begin() as conn:
+    async with harness.engine.begin() as conn:
         await conn.execute(text("SELECT 1"))
     assert proxy.round_trips - before == 3  # BEGIN, the statement, COMMIT

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from issuer.routing import StaticPathRouter
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -17,7 +18,6 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.types import Message, Scope
 
 from issuer.http.app import create_app
-from issuer.routing import StaticPathRouter
 from issuer.settings import Settings
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.helpers import bearer, login, refresh_body, register
+from tests.support.http import bearer, login, refresh_body, register
 
 
 async def test_register_login_me_refresh(client: httpx.AsyncClient) -> None:

@@ -9,21 +9,21 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from issuer.storage.store import DuplicateEmail, Family, User
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.storage import store
 from issuer.storage.schema import create_engine, families, refresh_tokens, users
-from issuer.storage.store import DuplicateEmail, Family, User
 
 NOW = datetime(2030, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 
 
 @pytest.fixture
-async def engine(any_db_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(any_db_url)
+async def engine(pg_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(pg_url)
     try:
         yield engine
     finally:

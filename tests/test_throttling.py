@@ -19,9 +19,10 @@ from issuer.accounts.lockout import LockoutPolicy
 from issuer.http import throttle
 from issuer.http.throttle import IpRateLimiter
 from issuer.settings import Settings
-from tests.conftest import CLIENT_IP, FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.helpers import PASSWORD, assert_error, bearer, login, register
-from tests.ops_support import (
+from tests.support.clock import FakeClock
+from tests.support.http import PASSWORD, assert_error, bearer, login, register
+from tests.support.issuer import CLIENT_IP, IssuerHarness, running_issuer, with_settings
+from tests.support.operations import (
     FakeMonotonic,
     failure_row,
     retry_after,
@@ -36,9 +37,9 @@ WRONG = "not the right password"
 
 
 @pytest.fixture
-async def locking(settings: Settings, clock: FakeClock, any_db_url: str) -> AsyncIterator[IssuerHarness]:
+async def locking(settings: Settings, clock: FakeClock, pg_url: str) -> AsyncIterator[IssuerHarness]:
     """Lock-out on (threshold 5), IP limit off so that only the account lock-out is under test; both backends."""
-    configured = with_settings(settings, login_lockout_threshold=THRESHOLD, database_url=any_db_url)
+    configured = with_settings(settings, login_lockout_threshold=THRESHOLD, database_url=pg_url)
     async with running_issuer(configured, clock) as harness:
         yield harness
 
@@ -100,7 +101,7 @@ async def test_brute_force_from_many_addresses_is_locked_out(locking: IssuerHarn
     ok = await attempt(locking, ALICE, PASSWORD, attacker_ip(97))
     assert ok.status_code == 200, ok.text
     assert ok.json()["refresh_token"]
-    assert await failure_row(locking.services.engine, ALICE) is None, "a successful login must reset the count"
+    assert await failure_row(locking.engine, ALICE) is None, "a successful login must reset the count"
 
     # The count started over: THRESHOLD more failures before the next lock, not one.
     again = [await attempt(locking, ALICE, WRONG, attacker_ip(50 + i)) for i in range(THRESHOLD + 1)]
@@ -129,7 +130,7 @@ async def test_account_deletion_guesses_count_with_the_logins(locking: IssuerHar
         locking.clock.advance(wait)
         deleted = await delete_account(client, access, PASSWORD)
         assert deleted.status_code == 204, deleted.text
-        assert await failure_row(locking.services.engine, ALICE) is None
+        assert await failure_row(locking.engine, ALICE) is None
 
 
 async def test_login_failures_lock_account_deletion_too(locking: IssuerHarness) -> None:
@@ -186,8 +187,8 @@ async def test_unknown_accounts_get_exactly_the_same_treatment(
     # every attempt that reached the password check, none for a locked one, for both emails.
     assert verifications[ALICE] == verifications[NOBODY]
     assert verifications[ALICE] == [1 if status == 401 else 0 for status in statuses]
-    real_row = await failure_row(locking.services.engine, ALICE)
-    unknown_row = await failure_row(locking.services.engine, NOBODY)
+    real_row = await failure_row(locking.engine, ALICE)
+    unknown_row = await failure_row(locking.engine, NOBODY)
     assert real_row == unknown_row
     assert real_row is not None
 
@@ -244,7 +245,7 @@ async def test_failures_older_than_the_window_are_forgotten(locking: IssuerHarne
     locking.clock.advance(window + 1)
     for i in range(THRESHOLD - 1):
         assert (await attempt(locking, ALICE, WRONG, attacker_ip(10 + i))).status_code == 401
-    row = await failure_row(locking.services.engine, ALICE)
+    row = await failure_row(locking.engine, ALICE)
     assert row is not None
     assert row[0] == THRESHOLD - 1
     assert (await attempt(locking, ALICE, PASSWORD, attacker_ip(20))).status_code == 200
@@ -317,7 +318,7 @@ async def test_concurrent_failures_are_all_counted(settings: Settings, clock: Fa
             await register(client)
         responses = await asyncio.gather(*(attempt(harness, ALICE, WRONG, attacker_ip(i)) for i in range(20)))
         assert [r.status_code for r in responses] == [401] * 20
-        row = await failure_row(harness.services.engine, ALICE)
+        row = await failure_row(harness.engine, ALICE)
         assert row is not None
         assert row[0] == 20, f"{20 - row[0]} concurrent failures were lost"
 
@@ -350,7 +351,7 @@ async def test_parallel_burst_gets_no_more_guesses_than_the_threshold(
         assert statuses.count(401) == THRESHOLD, statuses
         assert statuses.count(429) == 50 - THRESHOLD, statuses
         assert len(checked) == THRESHOLD
-        row = await failure_row(locking.services.engine, email)
+        row = await failure_row(locking.engine, email)
         assert row is not None
         failures, locked_until = row
         assert failures == THRESHOLD
@@ -407,7 +408,7 @@ async def test_lockout_disabled_never_locks(client: httpx.AsyncClient, issuer: I
     await register(client)
     for i in range(30):
         assert (await attempt(issuer, ALICE, WRONG, attacker_ip(i))).status_code == 401
-    assert await failure_row(issuer.services.engine, ALICE) is None
+    assert await failure_row(issuer.engine, ALICE) is None
     assert (await attempt(issuer, ALICE, PASSWORD, CLIENT_IP)).status_code == 200
 
 

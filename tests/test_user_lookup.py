@@ -15,14 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+from issuer.storage.store import User
 
 from issuer.access.bearer import BearerAuth
 from issuer.access.user_lookup import Fetch, UserLookup
 from issuer.settings import Settings
 from issuer.storage import database as hotpath
-from issuer.storage.store import User
-from tests.conftest import FakeClock, IssuerHarness, running_issuer
-from tests.helpers import assert_error, bearer, login, register
+from tests.support.clock import FakeClock
+from tests.support.http import assert_error, bearer, login, register
+from tests.support.issuer import IssuerHarness, running_issuer
 
 GUARD = 10  # seconds; only so that a broken lookup fails instead of hanging, never a timing assertion
 

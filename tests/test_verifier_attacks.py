@@ -40,7 +40,7 @@ from issuer.verifier import (
     WrongType,
 )
 from issuer.verifier.starlette import bearer_middleware, requires_token
-from tests.verifier_support import (
+from tests.support.verifier import (
     AUDIENCE,
     DELETE,
     ISSUER,

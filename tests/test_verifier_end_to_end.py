@@ -27,9 +27,10 @@ import uvicorn
 from issuer.http.app import create_app
 from issuer.settings import Settings
 from issuer.verifier import AccessTokenVerifier, JWKSCache, VerificationError
-from tests.conftest import FakeClock, IssuerHarness, running_issuer, with_settings
-from tests.helpers import bearer, login, refresh_body, register
-from tests.verifier_support import CountingTransport
+from tests.support.clock import FakeClock
+from tests.support.http import bearer, login, refresh_body, register
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.verifier import CountingTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 JWKS_PATH = "/.well-known/jwks.json"

@@ -18,7 +18,7 @@ import pytest
 from joserfc.jwk import ECKey, OctKey
 
 from issuer.verifier import JWKSCache, KeysUnavailable, TokenError, UnknownKey
-from tests.verifier_support import (
+from tests.support.verifier import (
     ISSUER,
     JWKS_URI,
     FakeIssuer,

@@ -31,7 +31,7 @@ from issuer.verifier.starlette import (
     requires_role,
     requires_token,
 )
-from tests.verifier_support import FakeIssuer, SimClock, mint, verifier_for
+from tests.support.verifier import FakeIssuer, SimClock, mint, verifier_for
 
 # RFC 6750 section 3: auth-param values are quoted strings of %x20-21 / %x23-5B / %x5D-7E.
 CHALLENGE = re.compile(r'Bearer error="([a-z_]+)", error_description="([\x20\x21\x23-\x5b\x5d-\x7e]*)"')

@@ -16,7 +16,7 @@ from issuer.errors import InvalidToken, Unauthenticated
 from issuer.keys.manager import KeyManager
 from issuer.metrics import Metrics
 from issuer.settings import Settings
-from issuer.storage.store import User
+from issuer.storage.users import User
 from issuer.verifier import TokenError
 from issuer.verifier.verify import check_claims_with, claims_registry, key_for, parse_token, verify_signature
 

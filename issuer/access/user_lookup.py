@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from issuer.storage.store import User
+from issuer.storage.users import User
 
 Fetch = Callable[[list[str]], Awaitable[dict[str, User]]]
 

@@ -19,12 +19,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, delete, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
 from issuer.errors import TooManyRequests
-from issuer.storage import database as hotpath
-from issuer.storage.schema import login_failures, upsert_insert
+from issuer.storage import lockout
+from issuer.storage.database import Database
+from issuer.storage.users import User
 
 
 @dataclass(frozen=True)
@@ -61,11 +59,10 @@ class LockoutPolicy:
 
 
 class LoginLockout:
-    """The lock-out's steps one by one, in transactions (any database). On PostgreSQL the login counts and
-    clears inside its own two statements (``login``), with :meth:`attempt` as their parameters."""
+    """The lock-out around a password check (login, account deletion), on the shared table."""
 
-    def __init__(self, engine: AsyncEngine, policy: LockoutPolicy) -> None:
-        self._engine = engine
+    def __init__(self, db: Database, policy: LockoutPolicy) -> None:
+        self._db = db
         self._policy = policy
         self._lock_seconds = policy.lock_seconds()
 
@@ -73,63 +70,30 @@ class LoginLockout:
     def policy(self) -> LockoutPolicy:
         return self._policy
 
-    def attempt(self, now: datetime) -> hotpath.Attempt | None:
-        """An attempt at ``now`` as ``hotpath.BEGIN_LOGIN_SQL`` counts it; None while the lock-out is off."""
-        if not self._policy.enabled:
-            return None
-        return hotpath.Attempt(now, now - self._policy.window, self._policy.threshold, self._lock_seconds)
+    async def begin(self, email: str, now: datetime) -> User | None:
+        """Count an attempt on ``email`` as a failure (until :meth:`clear` or a login's end clears it) and
+        return its account, None for an unknown email; TooManyRequests, counting nothing, while locked."""
+        attempt = None
+        if self._policy.enabled:
+            attempt = lockout.Attempt(now, now - self._policy.window, self._policy.threshold, self._lock_seconds)
+        start = await lockout.begin_login(self._db, email, attempt)
+        if start.locked:
+            retry = 1 if start.locked_until is None else max(1, math.ceil((start.locked_until - now).total_seconds()))
+            raise TooManyRequests(retry, "Too many failed password attempts for this account; try again later.")
+        return start.user
 
-    async def begin_attempt(self, email: str, now: datetime) -> None:
-        """Count a login attempt as a failure, or raise TooManyRequests (counting nothing) while locked."""
-        if not self._policy.enabled:
-            return
-        # One upsert checks the lock and counts the attempt atomically: the row lock serializes concurrent
-        # attempts from every replica. While locked its WHERE matches nothing, so nothing is returned.
-        async with self._engine.begin() as conn:
-            table = login_failures
-            statement = upsert_insert(conn, table).values(
-                email=email, failures=1, last_failure_at=now, locked_until=None
-            )
-            counted = case((table.c.last_failure_at < now - self._policy.window, 1), else_=table.c.failures + 1)
-            statement = statement.on_conflict_do_update(
-                index_elements=["email"],
-                set_={"failures": counted, "last_failure_at": now},
-                where=or_(table.c.locked_until.is_(None), table.c.locked_until <= now),
-            ).returning(table.c.failures)
-            failures = (await conn.execute(statement)).scalar_one_or_none()
-            if failures is None:
-                raise _locked(await _locked_until(conn, email), now)
-            lock = self._policy.lock_for(failures)
-            if lock is not None:
-                await conn.execute(update(table).where(table.c.email == email).values(locked_until=now + lock))
+    def clears(self, email: str) -> str | None:
+        """The email whose count a successful login clears (in the statement that starts its session)."""
+        return email if self._policy.enabled else None
+
+    async def clear(self, email: str) -> None:
+        if self._policy.enabled:
+            await lockout.clear(self._db, email)
 
     @contextlib.asynccontextmanager
     async def guard(self, email: str, now: datetime) -> AsyncIterator[None]:
-        """Around one password check of ``email`` (login, account deletion): count the attempt first (429
-        while locked), and clear the count only if the block ends without an exception."""
-        await self.begin_attempt(email, now)
+        """Around a password check other than login's (account deletion): count the attempt first (429 while
+        locked), and clear the count only if the block ends without an exception."""
+        await self.begin(email, now)
         yield
-        await self.record_success(email)
-
-    async def refusal(self, email: str, now: datetime) -> TooManyRequests:
-        """The 429 for an attempt that ``hotpath.begin_login`` found locked (its lock read afterwards)."""
-        async with self._engine.connect() as conn:
-            return _locked(await _locked_until(conn, email), now)
-
-    async def record_success(self, email: str) -> None:
-        if not self._policy.enabled:
-            return
-        async with self._engine.begin() as conn:
-            await conn.execute(delete(login_failures).where(login_failures.c.email == email))
-
-
-async def _locked_until(conn: AsyncConnection, email: str) -> datetime | None:
-    """The email's lock; None when its row is gone (a success on another request cleared it meanwhile)."""
-    row = (await conn.execute(select(login_failures.c.locked_until).where(login_failures.c.email == email))).first()
-    return None if row is None else row[0]
-
-
-def _locked(until: datetime | None, now: datetime) -> TooManyRequests:
-    """The 429 for a locked email; with no lock left (cleared meanwhile) the caller may retry in a second."""
-    retry = 1 if until is None else max(1, math.ceil((until - now).total_seconds()))
-    return TooManyRequests(retry, "Too many failed password attempts for this account; try again later.")
+        await self.clear(email)

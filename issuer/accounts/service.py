@@ -6,12 +6,11 @@ import unicodedata
 import uuid
 from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from issuer.accounts.passwords import Passwords
 from issuer.errors import EmailTaken, InvalidCredentials, InvalidRequest, WrongPassword
-from issuer.storage import store
-from issuer.storage.store import User
+from issuer.storage import users
+from issuer.storage.database import Database
+from issuer.storage.users import User
 
 MAX_EMAIL_LENGTH = 254
 MIN_PASSWORD_LENGTH = 8
@@ -55,14 +54,14 @@ def check_password_shape(value: object, *, new: bool) -> str:
 
 
 class Accounts:
-    def __init__(self, engine: AsyncEngine, passwords: Passwords) -> None:
-        self._engine = engine
+    def __init__(self, db: Database, passwords: Passwords) -> None:
+        self._db = db
         self._passwords = passwords
 
     async def register(self, email: str, password: str, *, now: datetime) -> User:
-        async with self._engine.connect() as conn:
-            if await store.user_by_email(conn, email) is not None:
-                raise EmailTaken()
+        # Checked first so a taken email costs no hash; the unique index still decides a race.
+        if await users.by_email(self._db, email) is not None:
+            raise EmailTaken()
         user = User(
             id=str(uuid.uuid4()),
             email=email,
@@ -71,17 +70,10 @@ class Accounts:
             token_version=0,
         )
         try:
-            async with self._engine.begin() as conn:
-                await store.insert_user(conn, user, now)
-        except store.DuplicateEmail:
+            await users.insert(self._db, user, now)
+        except users.DuplicateEmail:
             raise EmailTaken() from None
         return user
-
-    async def authenticate(self, email: str, password: str) -> User:
-        """The user for these credentials, or InvalidCredentials after the same work either way."""
-        async with self._engine.connect() as conn:
-            user = await store.user_by_email(conn, email)
-        return await self.check_password(user, password)
 
     async def check_password(self, user: User | None, password: str) -> User:
         """``user`` if ``password`` is theirs; else InvalidCredentials, after a full hash for None (no such
@@ -93,17 +85,13 @@ class Accounts:
             # Raised ARGON2_* settings reach existing accounts at their next login; the plaintext is only
             # available now.
             new_hash = await self._passwords.hash(password)
-            async with self._engine.begin() as conn:
-                await store.set_password_hash(conn, user.id, user.password_hash, new_hash)
+            await users.set_password_hash(self._db, user.id, user.password_hash, new_hash)
         return user
 
     async def logout_all(self, user_id: str, *, now: datetime) -> None:
-        async with self._engine.begin() as conn:
-            await store.bump_token_version(conn, user_id)
-            await store.revoke_user_families(conn, user_id, now, "logout_all")
+        await users.log_out_everywhere(self._db, user_id, now)
 
     async def delete(self, user: User, password: str) -> None:
         if not await self._passwords.verify(user.password_hash, password):
             raise WrongPassword()
-        async with self._engine.begin() as conn:
-            await store.delete_user(conn, user.id)
+        await users.delete(self._db, user.id)

@@ -7,20 +7,18 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypedDict
 
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, ExceptionHandler, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from issuer.clock import Clock, system_clock
 from issuer.errors import (
@@ -33,13 +31,21 @@ from issuer.errors import (
     render_error,
 )
 from issuer.http import auth, health, wellknown
-from issuer.routing import DirectRoutes, StaticPathRouter
 from issuer.services import Services
 from issuer.settings import Settings
 from issuer.storage.cleanup import cleanup
 from issuer.storage.database import DatabaseUnavailable
 
 log = logging.getLogger("issuer")
+
+
+class AppState(TypedDict):
+    """What the lifespan hands to every request (``request.state``; ``scope["state"]`` for ASGI endpoints)."""
+
+    services: Services
+    # The server metadata document, rendered once.
+    metadata: bytes
+
 
 # On every response: added by ResponseHeaders, and by the 500 handler (which runs outside all middleware).
 SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"))
@@ -49,85 +55,67 @@ def create_app(
     settings: Settings | None = None,
     *,
     clock: Clock = system_clock,
-    services: Services | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
     freeze_startup_heap: bool = False,
 ) -> Starlette:
+    """The issuer as one Starlette app. Nothing is connected or loaded here: the lifespan builds the services
+    (pool, keys, hashing threads) and hands them to every request as ``request.state.services``."""
     settings = settings or Settings.from_environ()
-    services = services or Services.build(settings, clock)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[AppState]:
         if settings.kek_is_dev:
             log.warning(
                 "USING THE GENERATED DEVELOPMENT KEY-ENCRYPTION KEY (keys/dev-kek); "
                 "set ISSUER_KEK or ISSUER_KEK_FILE for anything but a laptop"
             )
+        services = Services.build(settings, clock, monotonic)
         cleaner: asyncio.Task[None] | None = None
         try:
             await services.keys.ensure_signing_key()
             services.keys.start_background()
+            services.metrics.signing_key_age.set_function(lambda: _signing_key_age(services))
             if settings.cleanup_interval > 0:
                 cleaner = asyncio.create_task(_clean_periodically(services), name="issuer-cleanup")
             if freeze_startup_heap:
                 _freeze_startup_heap()
-            yield
+            yield {"services": services, "metadata": wellknown.metadata_document(settings)}
         finally:
             if cleaner is not None:
                 cleaner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await cleaner
-            await services.keys.stop()
-            services.passwords.close()
-            if services.hot is not None:
-                await services.hot.close()
-            await services.engine.dispose()
+            await services.close()
 
-    handlers: dict[Any, ExceptionHandler] = {
-        IssuerError: render_error,
-        HTTPException: _http_exception,
-        DBAPIError: _database_down,
-        DatabaseUnavailable: _database_down,
-        PoolTimeout: _database_down,
-        OSError: _database_down,
-        TimeoutError: _database_down,
-        500: _server_error,
-    }
-    app = Starlette(exception_handlers=handlers)
-    # Starlette's constructor builds a plain Router; ours finds fixed paths by lookup (see issuer.routing).
-    # No trailing-slash redirects: behind a TLS proxy they would point at http:// and at whatever Host the
-    # client sent, and a client that follows a 307 would resend the password there.
-    app.router = StaticPathRouter(
-        [*auth.routes, *wellknown.routes, *health.routes], lifespan=lifespan, redirect_slashes=False
-    )
-    app.state.services = services
-    app.state.metadata = wellknown.metadata_document(settings)
-    # Innermost first: the hottest reads are answered inside CORS and the security headers.
-    direct = {
-        **wellknown.direct_routes(),
-        auth.ME_ROUTE.path: (auth.ME_ROUTE, _with_handlers(auth.me, handlers)),
-    }
-    app.add_middleware(DirectRoutes, routes=direct)
-    services.metrics.signing_key_age.set_function(lambda: _signing_key_age(services))
+    middleware = [Middleware(ResponseHeaders)]
     if settings.allowed_origins:
         # Browsers on these origins may call the cookie endpoints with credentials; others get no CORS
         # headers, and their cookie requests are refused by the Origin check in the routes.
-        app.add_middleware(
-            JsonCORSMiddleware,
-            allow_origins=list(settings.allowed_origins),
-            allow_credentials=True,
-            allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["authorization", "content-type"],
-            max_age=600,
+        middleware.append(
+            Middleware(
+                JsonCORSMiddleware,
+                allow_origins=list(settings.allowed_origins),
+                allow_credentials=True,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["authorization", "content-type"],
+                max_age=600,
+            )
         )
-    app.add_middleware(ResponseHeaders, services=services)
+    app = Starlette(
+        routes=[*auth.routes, *wellknown.routes, *health.routes],
+        middleware=middleware,
+        exception_handlers={
+            IssuerError: render_error,
+            HTTPException: _http_exception,
+            DatabaseUnavailable: _database_down,
+            500: _server_error,
+        },
+        lifespan=lifespan,
+    )
+    # No trailing-slash redirects: behind a TLS proxy they would point at http:// and at whatever Host the
+    # client sent, and a client that follows a 307 would resend the password there.
+    app.router.redirect_slashes = False
     return app
-
-
-def _with_handlers(endpoint: ASGIApp, handlers: Mapping[Any, ExceptionHandler]) -> ASGIApp:
-    """``endpoint`` behind an exception layer of its own with the app's handlers, built as Starlette builds
-    the app's (500 and Exception stay with the outermost ServerErrorMiddleware): a direct route's errors
-    are answered exactly as they are through the router."""
-    return ExceptionMiddleware(endpoint, handlers={k: v for k, v in handlers.items() if k not in (500, Exception)})
 
 
 def create_served_app() -> Starlette:
@@ -172,7 +160,7 @@ async def _clean_periodically(services: Services) -> None:
         await asyncio.sleep(settings.cleanup_interval)
         try:
             report = await cleanup(
-                services.engine,
+                services.db,
                 now=services.clock(),
                 retention=timedelta(seconds=settings.cleanup_retention),
                 failure_window=services.lockout.policy.window,
@@ -202,7 +190,7 @@ class _GenericHTTPError(IssuerError):
 
 
 async def _database_down(request: Request, exc: Exception) -> Response:
-    services: Services = request.app.state.services
+    services: Services = request.state.services
     services.metrics.db_errors.inc()
     log.error("database error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
     return error_response(ServiceUnavailable("The database is unavailable; retry shortly."))
@@ -219,9 +207,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 class ResponseHeaders:
     """Security headers on every response, and per-route latency."""
 
-    def __init__(self, app: ASGIApp, services: Services) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.services = services
         # One histogram child per (route, method), looked up in a dict rather than through labels().
         self._latency: dict[tuple[str, str], Any] = {}
 
@@ -246,5 +233,6 @@ class ResponseHeaders:
             key = (route, scope["method"])
             child = self._latency.get(key)
             if child is None:
-                child = self._latency[key] = self.services.metrics.latency.labels(*key)
+                services: Services = scope["state"]["services"]
+                child = self._latency[key] = services.metrics.latency.labels(*key)
             child.observe(time.perf_counter() - started)

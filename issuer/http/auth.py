@@ -27,7 +27,7 @@ from issuer.http.requests import check_origin, client_ip, read_json_object, user
 from issuer.keys.ring import LoadedKey
 from issuer.services import Services
 from issuer.sessions.families import IssuedRefresh
-from issuer.storage.store import User
+from issuer.storage.users import User
 
 log = logging.getLogger("issuer.audit")
 
@@ -38,7 +38,9 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 def services(request: Request) -> Services:
-    return request.app.state.services
+    """The process's services, which the app's lifespan hands to every request."""
+    svc: Services = request.state.services
+    return svc
 
 
 def user_json(user: User) -> dict[str, str]:
@@ -204,11 +206,10 @@ class UserInfo:
     Resource services may call this on every request of their own, so it is the issuer's hottest
     authenticated path. It writes its ASGI messages itself, with an encoder made once, instead of building
     a Request and a JSONResponse; the body is what JSONResponse would render. Errors are raised as in every
-    handler, for the app's exception handlers to answer (see ``issuer.http.app``, which also sends GET and HEAD
-    here ahead of the router)."""
+    handler, for the app's exception handlers to answer."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        svc: Services = scope["app"].state.services
+        svc: Services = scope["state"]["services"]
         caller = await svc.bearer.authenticate(HTTPConnection(scope))
         body = _JSON.encode({**user_json(caller.user), "tokenVersion": caller.user.token_version}).encode()
         headers = [(b"content-length", str(len(body)).encode()), *_JSON_NO_STORE]  # a new list: middleware adds
@@ -220,8 +221,6 @@ class UserInfo:
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _NO_STORE_LINES = tuple((name.lower().encode(), value.encode()) for name, value in NO_STORE.items())
 _JSON_NO_STORE = ((b"content-type", b"application/json"), *_NO_STORE_LINES)
-me = UserInfo()
-ME_ROUTE = Route("/auth/me", me, methods=["GET"])
 
 
 async def list_sessions(request: Request) -> Response:
@@ -344,7 +343,7 @@ routes = [
     Route("/auth/refresh", refresh, methods=["POST"]),
     Route("/auth/logout", logout, methods=["POST"]),
     Route("/auth/logout-all", logout_all, methods=["POST"]),
-    ME_ROUTE,
+    Route("/auth/me", UserInfo(), methods=["GET"]),
     Route("/auth/sessions", list_sessions, methods=["GET"]),
     Route("/auth/sessions/{session_id}", revoke_session, methods=["DELETE"]),
     Route("/auth/account", delete_account, methods=["DELETE"]),

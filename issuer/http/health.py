@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -20,11 +19,11 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    svc: Services = request.app.state.services
+    svc: Services = request.state.services
     problems = []
     try:
-        async with asyncio.timeout(READINESS_DB_TIMEOUT), svc.engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        async with asyncio.timeout(READINESS_DB_TIMEOUT):
+            await svc.db.ping()
     except Exception:
         problems.append("database unreachable")
     if svc.keys.signing_key(svc.clock()) is None:
@@ -39,7 +38,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    svc: Services = request.app.state.services
+    svc: Services = request.state.services
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -14,12 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import case, select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-
-from issuer.storage import database as hotpath
-from issuer.storage.database import HotPool
-from issuer.storage.schema import rate_buckets, upsert_insert
+from issuer.storage import rate_buckets
+from issuer.storage.database import Database
 
 MAX_TRACKED_ADDRESSES = 100_000
 
@@ -86,19 +82,17 @@ class IpRateLimiter:
 
 
 class SharedRateLimiter:
-    """The same token bucket kept in the database, so the limit holds across replicas.
+    """The same token bucket kept in the database, so the limit holds across replicas: one statement
+    refills, checks and takes a token (:data:`issuer.storage.rate_buckets.TAKE`).
 
-    Used where the limit protects accounts rather than this process's CPU (login, register). One upsert
-    refills, checks and takes a token atomically; when the bucket is empty its WHERE matches nothing and
-    the row is left as it was.
+    Used where the limit protects accounts rather than this process's CPU (login, register).
     """
 
-    def __init__(self, engine: AsyncEngine, per_minute: int, scope: str, hot: HotPool | None = None) -> None:
-        self._engine = engine
+    def __init__(self, db: Database, per_minute: int, scope: str) -> None:
+        self._db = db
         self._capacity = float(per_minute)
         self._rate = per_minute / 60.0
         self._scope = scope
-        self._hot = hot
 
     @property
     def enabled(self) -> bool:
@@ -108,43 +102,13 @@ class SharedRateLimiter:
         """Take one token; 0 when allowed, else the seconds until one is available."""
         if not self.enabled or address is None:
             return 0.0
-        key = f"{self._scope}:{bucket_key(address)}"[:96]
         at = now.timestamp()
-        if self._hot is not None:
-            # On PostgreSQL the same upsert is one statement on the hot-path pool (``hotpath``), without
-            # a transaction around it; only a refusal reads the bucket afterwards.
-            if await hotpath.take_rate_token(self._hot, key, self._capacity, self._rate, at):
-                return 0.0
-            async with self._engine.connect() as conn:
-                return self._wait(await _bucket(conn, key), at)
-        table = rate_buckets
-        refilled = table.c.tokens + (at - table.c.updated_at) * self._rate
-        available = case((refilled > self._capacity, self._capacity), else_=refilled)
-        async with self._engine.begin() as conn:
-            statement = (
-                upsert_insert(conn, table)
-                .values(bucket=key, tokens=self._capacity - 1.0, updated_at=at)
-                .on_conflict_do_update(
-                    index_elements=["bucket"],
-                    set_={"tokens": available - 1.0, "updated_at": at},
-                    where=available >= 1.0,
-                )
-                .returning(table.c.tokens)
-            )
-            if (await conn.execute(statement)).scalar_one_or_none() is not None:
-                return 0.0
-            return self._wait(await _bucket(conn, key), at)
-
-    def _wait(self, bucket: tuple[float, float] | None, at: float) -> float:
-        if bucket is None:  # swept by the cleanup since the refusal: it would be full again
+        take = await rate_buckets.take(
+            self._db, f"{self._scope}:{bucket_key(address)}"[:96], self._capacity, self._rate, at
+        )
+        if take.taken:
+            return 0.0
+        if take.tokens is None or take.updated_at is None:  # swept by the cleanup meanwhile: full again
             return 1.0
-        tokens, updated = bucket
-        return _seconds_until_token(min(self._capacity, tokens + (at - updated) * self._rate), self._rate)
-
-
-async def _bucket(conn: AsyncConnection, key: str) -> tuple[float, float] | None:
-    """A bucket's tokens and last use (epoch seconds)."""
-    row = (
-        await conn.execute(select(rate_buckets.c.tokens, rate_buckets.c.updated_at).where(rate_buckets.c.bucket == key))
-    ).first()
-    return None if row is None else (row[0], row[1])
+        tokens = min(self._capacity, take.tokens + (at - take.updated_at) * self._rate)
+        return _seconds_until_token(tokens, self._rate)

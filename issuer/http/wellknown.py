@@ -6,7 +6,7 @@ import functools
 import json
 
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from issuer.keys.ring import JwksDocument
 from issuer.services import Services
@@ -20,8 +20,8 @@ Headers = tuple[tuple[bytes, bytes], ...]
 
 
 async def send_document(path: str, services: Services, metadata: bytes, scope: Scope, send: Send) -> None:
-    """Answer GET or HEAD of one well-known document: the one implementation, for the routes and the
-    fast path alike. The JWKS gets an ETag and a 304 on a matching If-None-Match."""
+    """Answer GET or HEAD of one well-known document. The JWKS gets an ETag and a 304 on a matching
+    If-None-Match."""
     if path != JWKS_PATH:
         await _respond(send, scope, 200, metadata, _metadata_headers(metadata))
         return
@@ -78,20 +78,11 @@ class _RoutedDocument:
         self.path = path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope["app"].state
-        await send_document(self.path, state.services, state.metadata, scope, send)
+        state = scope["state"]
+        await send_document(self.path, state["services"], state["metadata"], scope, send)
 
 
 routes = [Route(path, _RoutedDocument(path), methods=["GET"]) for path in (JWKS_PATH, *METADATA_PATHS)]
-
-
-def direct_routes() -> dict[str, tuple[Route, ASGIApp]]:
-    """GET and HEAD of every document, for ``issuer.routing.DirectRoutes``: each route's own endpoint,
-    without the router pass and the exception layers in front of it.
-
-    The JWKS is the issuer's most requested document: every gateway and resource service fetches it, and
-    a 304 costs as much as a 200 here."""
-    return {route.path: (route, route.endpoint) for route in routes}
 
 
 def _headers(body: bytes, cache_control: bytes, etag: bytes | None = None) -> Headers:

@@ -8,7 +8,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from issuer.keys import ring as keys
+from issuer.verifier.jwks import MAX_RSA_BITS, MIN_RSA_BITS
 
 MAX_PEM_BYTES = 64 * 1024
 
@@ -37,12 +37,8 @@ def load_rsa_private_key(path: Path) -> rsa.RSAPrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey):
         kind = type(key).__name__.removesuffix("PrivateKey").lstrip("_") or "non-RSA"
         raise KeyImportError(f"{path} holds an {kind} key, not RSA; only RSA keys can sign RS256")
-    if key.key_size < keys.MIN_RSA_BITS:
-        raise KeyImportError(
-            f"{path} holds a {key.key_size}-bit RSA key; at least {keys.MIN_RSA_BITS} bits are required"
-        )
-    if key.key_size > keys.MAX_RSA_BITS:
-        raise KeyImportError(
-            f"{path} holds a {key.key_size}-bit RSA key; verifiers accept at most {keys.MAX_RSA_BITS} bits"
-        )
+    if key.key_size < MIN_RSA_BITS:
+        raise KeyImportError(f"{path} holds a {key.key_size}-bit RSA key; at least {MIN_RSA_BITS} bits are required")
+    if key.key_size > MAX_RSA_BITS:
+        raise KeyImportError(f"{path} holds a {key.key_size}-bit RSA key; verifiers accept at most {MAX_RSA_BITS} bits")
     return key

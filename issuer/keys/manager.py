@@ -12,26 +12,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.clock import Clock
+from issuer.keys.material import decrypt_private_key, new_key_record
 from issuer.keys.policy import KeyPlan, RotationRefused, plan_revocation, plan_rotation, prunable, rotation_due
-from issuer.keys.ring import (
-    KeyRecord,
-    KeyRing,
-    KeyState,
-    LoadedKey,
-    decrypt_private_key,
-    key_state,
-    new_key_record,
-    signing_record,
-)
+from issuer.keys.records import KeyRecord, KeyState, key_state, signing_record
+from issuer.keys.ring import KeyRing, LoadedKey
 from issuer.settings import Settings
-from issuer.storage import store
+from issuer.storage import signing_keys
+from issuer.storage.database import Database
 
 log = logging.getLogger("issuer.keys")
 audit = logging.getLogger("issuer.audit")
@@ -44,8 +37,8 @@ class ConcurrentKeyChange(RotationRefused):
 
 
 class KeyManager:
-    def __init__(self, engine: AsyncEngine, settings: Settings, clock: Clock) -> None:
-        self._engine = engine
+    def __init__(self, db: Database, settings: Settings, clock: Clock) -> None:
+        self._db = db
         self._settings = settings
         self._clock = clock
         self._ring = KeyRing((), self.retire_grace(settings))
@@ -81,8 +74,7 @@ class KeyManager:
     # ------------------------------------------------------------ reading
 
     async def records(self) -> list[KeyRecord]:
-        async with self._engine.connect() as conn:
-            return await store.all_keys(conn)
+        return await signing_keys.all_keys(self._db)
 
     async def reload(self) -> None:
         """Re-read the table; decrypt only when it changed. Raises KeyDecryptionError on a wrong KEK."""
@@ -163,10 +155,9 @@ class KeyManager:
         return applied
 
     async def prune(self) -> list[str]:
-        now = self._clock()
-        async with self._engine.begin() as conn:
-            kids = prunable(await store.all_keys(conn), now=now, grace=self._ring.retire_grace)
-            await store.delete_keys(conn, kids)
+        async with self._db.transaction() as tx:
+            kids = prunable(await signing_keys.all_keys(tx), now=self._clock(), grace=self._ring.retire_grace)
+            await signing_keys.delete(tx, kids)
         await self.reload()
         return kids
 
@@ -204,16 +195,17 @@ class KeyManager:
     async def _apply(self, plan_for: _Planner) -> KeyPlan | None:
         """Re-read the rows inside a transaction, plan against them, write the plan; then reload."""
         try:
-            async with self._engine.begin() as conn:
-                records = await store.all_keys(conn)
+            async with self._db.transaction() as tx:
+                records = await signing_keys.all_keys(tx)
                 plan = plan_for(records, self._clock())
                 if plan is None:
                     return None
+                by_kid = {r.kid: r for r in records}
                 for kid, values in plan.updates.items():
-                    await store.update_key(conn, kid, values)
+                    await signing_keys.reschedule(tx, replace(by_kid[kid], **values))
                 if plan.insert is not None:
-                    await store.insert_key(conn, plan.insert)
-        except IntegrityError:
+                    await signing_keys.insert(tx, plan.insert)
+        except signing_keys.KeyConflict:
             raise ConcurrentKeyChange(
                 "another instance changed the signing keys at the same moment; nothing was written, check "
                 "`issuer keys list` and retry"

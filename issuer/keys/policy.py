@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from issuer.keys.ring import KeyRecord, KeyState, key_state, signing_record
+from issuer.keys.records import KeyRecord, KeyState, key_state, signing_record
 
 
 class RotationRefused(Exception):

@@ -3,22 +3,49 @@
 - refresh tokens expired more than ``retention`` ago (consumed or not: past expiry they are refused
   either way, and reuse of an expired token has nothing left to steal);
 - families that ended (absolute lifetime, idle expiry, or revocation) more than ``retention`` ago,
-  with their tokens;
-- login-failure counters older than the lock-out window, and rate buckets idle for an hour.
+  with their tokens (ON DELETE CASCADE);
+- login-failure counters older than the lock-out window (and not locked), and rate buckets idle for an hour
+  (an idle bucket is full again after a minute).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Delete, delete, or_, select
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from issuer.storage.schema import families, login_failures, rate_buckets, refresh_tokens
+from issuer.storage.database import Database, Statement, rows_affected
 
 DEFAULT_BATCH = 1000
+STALE_BUCKET_SECONDS = 3600.0
+
+# Each takes the cutoff as $1 and the batch size as $2; each deletes at most one batch.
+TOKENS = Statement(
+    "DELETE FROM refresh_tokens WHERE token_hash IN "
+    "(SELECT token_hash FROM refresh_tokens WHERE expires_at < $1 LIMIT $2)"
+)
+# The families' remaining tokens go with them; counted first so the report includes them.
+FAMILIES = Statement(
+    """
+WITH ended AS (
+    SELECT id FROM refresh_families
+    WHERE expires_at < $1 OR idle_expires_at < $1 OR revoked_at < $1
+    LIMIT $2
+), tokens AS (
+    SELECT count(*) AS n FROM refresh_tokens WHERE family_id IN (SELECT id FROM ended)
+), deleted AS (
+    DELETE FROM refresh_families WHERE id IN (SELECT id FROM ended) RETURNING id
+)
+SELECT (SELECT count(*) FROM deleted) AS families, (SELECT n FROM tokens) AS tokens
+"""
+)
+# $3: now (a counter whose lock still holds is kept).
+LOGIN_FAILURES = Statement(
+    "DELETE FROM login_failures WHERE email IN (SELECT email FROM login_failures "
+    "WHERE last_failure_at < $1 AND (locked_until IS NULL OR locked_until < $3) LIMIT $2)"
+)
+RATE_BUCKETS = Statement(
+    "DELETE FROM rate_buckets WHERE bucket IN (SELECT bucket FROM rate_buckets WHERE updated_at < $1 LIMIT $2)"
+)
 
 
 @dataclass(frozen=True)
@@ -29,67 +56,27 @@ class CleanupReport:
 
 
 async def cleanup(
-    engine: AsyncEngine,
-    *,
-    now: datetime,
-    retention: timedelta,
-    failure_window: timedelta,
-    batch: int = DEFAULT_BATCH,
+    db: Database, *, now: datetime, retention: timedelta, failure_window: timedelta, batch: int = DEFAULT_BATCH
 ) -> CleanupReport:
     cutoff = now - retention
-    ended = or_(
-        families.c.expires_at < cutoff,
-        families.c.idle_expires_at < cutoff,
-        families.c.revoked_at < cutoff,
-    )
-    tokens = await _in_batches(
-        engine,
-        lambda: delete(refresh_tokens).where(
-            refresh_tokens.c.token_hash.in_(
-                select(refresh_tokens.c.token_hash).where(refresh_tokens.c.expires_at < cutoff).limit(batch)
-            )
-        ),
-    )
-    dead_families = 0
+    tokens = await _in_batches(db, TOKENS, cutoff, batch)
+    families = 0
     while True:
-        # One transaction per batch: the families' remaining tokens first, then the families.
-        async with engine.begin() as conn:
-            ids = list((await conn.execute(select(families.c.id).where(ended).limit(batch))).scalars())
-            if not ids:
-                break
-            tokens += (await conn.execute(delete(refresh_tokens).where(refresh_tokens.c.family_id.in_(ids)))).rowcount
-            dead_families += (await conn.execute(delete(families).where(families.c.id.in_(ids)))).rowcount
-    failures = await _in_batches(
-        engine,
-        lambda: delete(login_failures).where(
-            login_failures.c.email.in_(
-                select(login_failures.c.email)
-                .where(
-                    login_failures.c.last_failure_at < now - failure_window,
-                    or_(login_failures.c.locked_until.is_(None), login_failures.c.locked_until < now),
-                )
-                .limit(batch)
-            )
-        ),
-    )
-    # An idle bucket is full again after a minute; an hour-old row carries no information.
-    stale_bucket = now.timestamp() - 3600
-    await _in_batches(
-        engine,
-        lambda: delete(rate_buckets).where(
-            rate_buckets.c.bucket.in_(
-                select(rate_buckets.c.bucket).where(rate_buckets.c.updated_at < stale_bucket).limit(batch)
-            )
-        ),
-    )
-    return CleanupReport(tokens=tokens, families=dead_families, login_failures=failures)
+        row = await db.fetchrow(FAMILIES, cutoff, batch)
+        assert row is not None
+        if row["families"] == 0:
+            break
+        families += row["families"]
+        tokens += row["tokens"]
+    failures = await _in_batches(db, LOGIN_FAILURES, now - failure_window, batch, now)
+    await _in_batches(db, RATE_BUCKETS, now.timestamp() - STALE_BUCKET_SECONDS, batch)
+    return CleanupReport(tokens=tokens, families=families, login_failures=failures)
 
 
-async def _in_batches(engine: AsyncEngine, statement: Callable[[], Delete]) -> int:
+async def _in_batches(db: Database, statement: Statement, cutoff: object, batch: int, *more: object) -> int:
     total = 0
     while True:
-        async with engine.begin() as conn:
-            deleted = (await conn.execute(statement())).rowcount
+        deleted = rows_affected(await db.execute(statement, cutoff, batch, *more))
         total += deleted
         if deleted == 0:
             return total

@@ -9,11 +9,11 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from issuer.http.app import create_app
 from issuer.services import Services
 from issuer.settings import Settings
 from issuer.storage.schema import login_failures
-from tests.conftest import FakeClock, IssuerHarness
+from tests.support.clock import FakeClock
+from tests.support.issuer import IssuerHarness, running_issuer
 
 
 class FakeMonotonic:
@@ -34,10 +34,8 @@ async def running_issuer_with_monotonic(
     settings: Settings, clock: FakeClock, monotonic: FakeMonotonic
 ) -> AsyncIterator[IssuerHarness]:
     """Like ``running_issuer``, but the per-IP limiter reads ``monotonic``."""
-    services = Services.build(settings, clock, monotonic=monotonic)
-    app = create_app(settings, clock=clock, services=services)
-    async with app.router.lifespan_context(app):
-        yield IssuerHarness(app, clock)
+    async with running_issuer(settings, clock, monotonic=monotonic) as harness:
+        yield harness
 
 
 async def failure_row(engine: AsyncEngine, email: str) -> tuple[int, object] | None:

@@ -16,11 +16,11 @@ import pytest
 
 import issuer.cli
 from issuer.cli import main
-from issuer.keys.ring import KeyRecord
+from issuer.keys.records import KeyRecord
 from issuer.settings import Settings, encode_kek
-from issuer.storage.schema import create_engine
-from issuer.storage.store import all_keys
-from tests.conftest import FakeClock
+from issuer.storage import signing_keys
+from issuer.storage.database import Database
+from tests.support.clock import FakeClock
 
 # Every variable Settings.from_environ reads; the CLI gets exactly the test settings, nothing from the host.
 _CONFIG_VARIABLES = (
@@ -113,12 +113,11 @@ def assert_refused(result: CliResult, *needles: str) -> str:
 
 async def key_rows(database_url: str) -> list[KeyRecord]:
     """The signing_keys table as it is now, read through a fresh connection."""
-    engine = create_engine(database_url)
+    db = Database(database_url, size=1)
     try:
-        async with engine.connect() as conn:
-            return await all_keys(conn)
+        return await signing_keys.all_keys(db)
     finally:
-        await engine.dispose()
+        await db.close()
 
 
 def by_kid(records: Sequence[KeyRecord]) -> dict[str, KeyRecord]:

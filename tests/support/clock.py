@@ -1,0 +1,18 @@
+"""The tests' clocks: time that moves only when a test moves it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+
+class FakeClock:
+    """A clock tests can move; starts at the real time so outside libraries accept its tokens."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = (start or datetime.now(UTC)).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
