@@ -1,4 +1,8 @@
-"""Async Alembic environment. The URL comes from the caller (``issuer migrate``) or DATABASE_URL."""
+"""Async Alembic environment for PostgreSQL (through asyncpg).
+
+The URL comes from the caller (``issuer migrate`` sets ``config.attributes["database_url"]``) or, for ``alembic``
+run from the repository root, from DATABASE_URL. ``postgresql://`` and ``postgres://`` URLs get the asyncpg driver.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +10,44 @@ import asyncio
 import os
 
 from alembic import context
-from sqlalchemy.engine import Connection
+from alembic.util import CommandError
+from sqlalchemy import URL, pool
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from issuer.storage.schema import create_engine, metadata
-from issuer.settings import DEFAULT_DATABASE_URL
+from issuer.storage.schema import metadata
 
 config = context.config
+target_metadata = metadata
+
+ASYNC_DRIVER = "postgresql+asyncpg"
+CONNECT_TIMEOUT = 10.0  # seconds; asyncpg would otherwise wait a minute for an unreachable host
 
 
-def _url() -> str:
-    return config.attributes.get("database_url") or os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+def _url() -> URL:
+    raw = config.attributes.get("database_url") or os.environ.get("DATABASE_URL")
+    if not raw:
+        raise CommandError("no database URL: set DATABASE_URL (postgresql://user@host/db) or run `issuer migrate`")
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise CommandError("the database URL is not a URL (e.g. postgresql://user@host/db)") from None
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername=ASYNC_DRIVER)
+    if url.drivername != ASYNC_DRIVER:
+        raise CommandError(f"database driver {url.drivername!r} is not supported: the issuer runs on PostgreSQL only")
+    return url
 
 
 def _run(connection: Connection) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
-        compare_type=True,
-    )
+    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()
 
 
 async def _run_async() -> None:
-    engine = create_engine(_url())
+    engine = create_async_engine(_url(), poolclass=pool.NullPool, connect_args={"timeout": CONNECT_TIMEOUT})
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)
@@ -40,7 +57,7 @@ async def _run_async() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(url=_url(), target_metadata=metadata, literal_binds=True)
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 else:
