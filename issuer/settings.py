@@ -300,7 +300,7 @@ def _load_kek(env: Mapping[str, str], dev_kek_path: Path) -> tuple[Secret, bool]
         try:
             text = Path(path).read_text(encoding="ascii")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"ISSUER_KEK_FILE: cannot read {path}: {exc.strerror or exc}") from None
+            raise ConfigError(f"ISSUER_KEK_FILE: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
         return decode_kek(text, "ISSUER_KEK_FILE"), False
     return _dev_kek(dev_kek_path), True
 

@@ -41,7 +41,7 @@ class LockoutPolicy:
         over = failures - self.threshold
         if not self.enabled or over < 0:
             return None
-        return min(self.max_lock, self.base_lock * (2 ** min(over, 30)))
+        return min(self.max_lock, self.base_lock * (1 << min(over, 30)))
 
     def lock_seconds(self) -> list[float]:
         """``lock_for`` as a table, for SQL: entry i is the lock at threshold + i failures; the last entry

@@ -185,8 +185,9 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 class _GenericHTTPError(IssuerError):
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
-        self.status_code = status  # type: ignore[misc]
-        self.error = "invalid_request" if status < 500 else "server_error"  # type: ignore[misc]
+        # One class for whatever status Starlette raised: the class-level defaults are overridden per instance.
+        self.status_code = status  # type: ignore[misc]  # a ClassVar in IssuerError, per instance here
+        self.error = "invalid_request" if status < 500 else "server_error"  # type: ignore[misc]  # likewise
 
 
 async def _database_down(request: Request, exc: Exception) -> Response:

@@ -201,8 +201,8 @@ class KeyManager:
                 if plan is None:
                     return None
                 by_kid = {r.kid: r for r in records}
-                for kid, values in plan.updates.items():
-                    await signing_keys.reschedule(tx, replace(by_kid[kid], **values))
+                for kid, changes in plan.updates.items():
+                    await signing_keys.reschedule(tx, _rescheduled(by_kid[kid], changes))
                 if plan.insert is not None:
                     await signing_keys.insert(tx, plan.insert)
         except signing_keys.KeyConflict:
@@ -239,3 +239,15 @@ class KeyManager:
 def _still_relevant(records: list[KeyRecord], now: datetime, grace: timedelta) -> list[KeyRecord]:
     """Skip decrypting keys that can never be used again (revoked, or gone for good)."""
     return [r for r in records if key_state(r, now, grace) not in {KeyState.REVOKED, KeyState.GONE}]
+
+
+def _rescheduled(record: KeyRecord, changes: dict[str, datetime | None]) -> KeyRecord:
+    """``record`` with a plan's changes to its schedule (the only columns a plan changes)."""
+    activate_at = changes.get("activate_at", record.activate_at)
+    assert activate_at is not None  # plans move activate_at, never clear it
+    return replace(
+        record,
+        activate_at=activate_at,
+        retire_at=changes.get("retire_at", record.retire_at),
+        revoked_at=changes.get("revoked_at", record.revoked_at),
+    )

@@ -52,7 +52,10 @@ def public_jwk(private_key: rsa.RSAPrivateKey) -> tuple[str, dict[str, str]]:
     jwk = RSAKey.import_key(private_key.public_key())
     kid = jwk.thumbprint()
     members = jwk.as_dict(private=False)
-    return kid, {"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": members["n"], "e": members["e"]}
+    n, e = members["n"], members["e"]
+    assert isinstance(n, str)
+    assert isinstance(e, str)
+    return kid, {"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256", "n": n, "e": e}
 
 
 def new_key_record(

@@ -122,11 +122,11 @@ class RefreshFamilies:
         if self._in_grace(found, now):
             # Read the family's state again with the user, in one statement: a revoke, logout-all or account
             # deletion that committed after the statement above is seen here.
-            user = await sessions.user_of_live_family(self._db, found.family_id, now)
-            if user is None:
+            owner = await sessions.user_of_live_family(self._db, found.family_id, now)
+            if owner is None:
                 raise InvalidGrant("The refresh token's session has ended.")
             assert found.successor_expires_at is not None
-            return Rotation(user, IssuedRefresh(successor, found.family_id, found.successor_expires_at), replayed=True)
+            return Rotation(owner, IssuedRefresh(successor, found.family_id, found.successor_expires_at), replayed=True)
         revoked_now = await sessions.revoke(self._db, found.family_id, now, "reuse")
         if revoked_now:
             log.warning(

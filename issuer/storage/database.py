@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 import asyncpg
 
@@ -32,8 +32,10 @@ CONNECT_TIMEOUT = 5.0  # opening a connection
 COMMAND_TIMEOUT = 10.0  # one statement (asyncpg then cancels it in the server)
 POOL_TIMEOUT = 5.0  # waiting for a free pooled connection
 
-Row = asyncpg.Record
+Row: TypeAlias = asyncpg.Record
 T = TypeVar("T")
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.pool.PoolConnectionProxy[Row]
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Database:
             pool, self._pool = self._pool, None
             await pool.close()
 
-    async def _run(self, statement: Statement, call: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(self, statement: Statement, call: Callable[[Connection], Awaitable[T]]) -> T:
         """``call`` on a pooled connection, retried once on a fresh one when that is safe.
 
         A connection the server dropped while it sat in the pool (a restart, a failover, a killed backend
@@ -158,7 +160,7 @@ class Database:
                 raise
         return await self._run_once(call)
 
-    async def _run_once(self, call: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run_once(self, call: Callable[[Connection], Awaitable[T]]) -> T:
         conn = await self._acquire()
         try:
             return await call(conn)
@@ -171,7 +173,7 @@ class Database:
         finally:
             await self._release(conn)
 
-    async def _begin(self) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
+    async def _begin(self) -> tuple[Connection, asyncpg.transaction.Transaction]:
         """A connection with its transaction started. BEGIN changes nothing, so when the connection turns out
         to be dead it is sent once more on a fresh one."""
         for attempt in (1, 2):
@@ -188,16 +190,16 @@ class Database:
             return conn, transaction
         raise AssertionError("unreachable")
 
-    async def _acquire(self) -> asyncpg.Connection:
+    async def _acquire(self) -> Connection:
         pool = self._pool or await self._open()
         try:
             async with asyncio.timeout(POOL_TIMEOUT):
-                conn: asyncpg.Connection = await pool.acquire()
+                conn = await pool.acquire()
         except _DRIVER_ERRORS as exc:  # connecting failed, or every connection stayed busy
             raise DatabaseUnavailable(type(exc).__name__) from exc
         return conn
 
-    async def _release(self, conn: asyncpg.Connection) -> None:
+    async def _release(self, conn: Connection) -> None:
         pool = self._pool
         if pool is None:  # closed meanwhile: the pool's close terminated the connection
             return
@@ -224,7 +226,7 @@ class Database:
 class Transaction:
     """The statements of one transaction, on its connection (see :meth:`Database.transaction`)."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self._conn = conn
 
     async def fetch(self, statement: Statement, *args: object) -> list[Row]:
@@ -249,7 +251,7 @@ async def _rollback_if_open(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-def _translated(conn: asyncpg.Connection, exc: BaseException) -> Exception:
+def _translated(conn: Connection, exc: BaseException) -> Exception:
     """The storage error for a driver error; a broken connection is terminated so the pool replaces it.
 
     A statement that timed out is not reused either (asyncpg has already asked the server to cancel it):

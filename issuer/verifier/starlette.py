@@ -182,7 +182,7 @@ def _guard(endpoint: _Endpoint, roles: frozenset[str] | None) -> _Endpoint:
                 return
             await endpoint(*args, **kwargs)
 
-        return websocket_wrapper  # type: ignore[return-value]
+        return websocket_wrapper  # type: ignore[return-value]  # keeps the endpoint's signature, as Starlette's requires
 
     if inspect.iscoroutinefunction(inspect.unwrap(endpoint)):
 
@@ -191,14 +191,14 @@ def _guard(endpoint: _Endpoint, roles: frozenset[str] | None) -> _Endpoint:
             refusal = _refusal(connection(args, kwargs), roles)
             return refusal if refusal is not None else await endpoint(*args, **kwargs)
 
-        return async_wrapper  # type: ignore[return-value]
+        return async_wrapper  # type: ignore[return-value]  # keeps the endpoint's signature, as Starlette's requires
 
     @functools.wraps(endpoint)
     def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
         refusal = _refusal(connection(args, kwargs), roles)
         return refusal if refusal is not None else endpoint(*args, **kwargs)
 
-    return sync_wrapper  # type: ignore[return-value]
+    return sync_wrapper  # type: ignore[return-value]  # keeps the endpoint's signature, as Starlette's requires
 
 
 def _error(status: int, error: str, description: str, headers: dict[str, str]) -> JSONResponse:
