@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from issuer.accounts.passwords import argon2id
 from issuer.settings import Settings
-from issuer.storage.database import ROTATE_SQL, START_FAMILY_SQL
+from issuer.storage import sessions
 
 
 async def hello(request: Request) -> JSONResponse:
@@ -54,7 +54,7 @@ POOL: dict[str, asyncpg.Pool] = {}
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     # No reset on release: asyncpg's default reset is a second round trip per request, which the issuer
-    # does not pay either (``issuer.storage.database.HotPool``); the reference must be the best plain version.
+    # does not pay either (``issuer.storage.database.Database``); the reference must be the best plain version.
     POOL["pool"] = await asyncpg.create_pool(os.environ["BENCH_PG_DSN"], min_size=10, max_size=10, reset=_no_reset)
     try:
         yield
@@ -89,7 +89,7 @@ async def refresh(request: Request) -> JSONResponse:
     successor = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
     now = datetime.now(UTC)
     row = await POOL["pool"].fetchrow(
-        ROTATE_SQL,
+        sessions.ROTATE.sql,
         hashlib.sha256(token.encode()).digest(),
         now,
         hashlib.sha256(successor.encode()).digest(),
@@ -124,7 +124,7 @@ async def login(request: Request) -> JSONResponse:
     family_id, token, now = str(uuid.uuid4()), secrets.token_urlsafe(32), datetime.now(UTC)
     expires = now + REFRESH_TTL
     await POOL["pool"].execute(
-        START_FAMILY_SQL,
+        sessions.START.sql,
         family_id,
         user["id"],
         now,

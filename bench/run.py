@@ -33,8 +33,8 @@ import httpx
 from bench import micro, servers, wrk
 from issuer.sessions.families import FamilyPolicy, RefreshFamilies
 from issuer.settings import Argon2Params, Settings
-from issuer.storage import store
-from issuer.storage.schema import create_engine
+from issuer.storage import users
+from issuer.storage.database import Database
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results.json"
@@ -97,7 +97,7 @@ class Bench:
         self.db = f"issuer_bench_{secrets.token_hex(4)}"
         self.pg_dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + self.db
         self.env = {
-            "DATABASE_URL": self.pg_dsn.replace("postgresql://", "postgresql+asyncpg://", 1),
+            "DATABASE_URL": self.pg_dsn,
             "ISSUER_KEK": base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode(),
             # One load generator is one client address: the per-IP limit would measure itself.
             "RATE_LIMIT_PER_IP": "0",
@@ -152,20 +152,21 @@ class Bench:
         """``count`` fresh families of the bench user, each with its first refresh token (one per line)."""
 
         async def go() -> list[str]:
-            engine = create_engine(self.env["DATABASE_URL"])
+            db = Database(self.env["DATABASE_URL"], size=2)
             try:
-                async with engine.connect() as conn:
-                    user = await store.user_by_email(conn, EMAIL)
+                user = await users.by_email(db, EMAIL)
                 assert user is not None
                 policy = FamilyPolicy(timedelta(days=7), timedelta(days=30), timedelta(seconds=10))
-                families = RefreshFamilies(engine, policy, secrets.token_bytes(32))
+                families = RefreshFamilies(db, policy, secrets.token_bytes(32))
                 now = datetime.now(UTC)
                 return [
-                    (await families.start(user, now=now, user_agent="bench", ip="127.0.0.1")).token
+                    (
+                        await families.start(user, now=now, user_agent="bench", ip="127.0.0.1", clear_failures_of=None)
+                    ).token
                     for _ in range(count)
                 ]
             finally:
-                await engine.dispose()
+                await db.close()
 
         path = self.work / f"tokens-{secrets.token_hex(4)}.txt"
         path.write_text("\n".join(asyncio.run(go())) + "\n")
