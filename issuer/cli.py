@@ -82,7 +82,9 @@ def _protect_kid(argv: list[str]) -> list[str]:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    """The driver's own first line: DatabaseUnavailable and SQLAlchemy's DBAPIError wrap it."""
+    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else getattr(exc, "orig", None)
+    text = str(cause or exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
