@@ -124,13 +124,12 @@ def create_served_app() -> Starlette:
 
 
 def _freeze_startup_heap() -> None:
-    """Keep what start-up built (modules, tables, keys: about 80,000 objects) out of every later collection.
+    """Keep what start-up built (modules, tables, keys) out of every later collection.
 
     Under load, request objects with reference cycles (uvicorn's, asyncio's) keep the collector busy, and
-    each full collection walked that whole heap: about 27 ms with the event loop stopped, every few
-    seconds. It set the p99 of /auth/me at about 30 ms for a 2 ms median and took 10-15% of its
-    throughput. The frozen objects live as long as the process anyway. Not done for apps built by tests,
-    which would keep every earlier app's garbage for the rest of the session.
+    each full collection walked that whole heap with the event loop stopped, which set the p99 of /auth/me
+    (docs/performance.md). The frozen objects live as long as the process anyway. Not done for apps built
+    by tests, which would keep every earlier app's garbage for the rest of the session.
     """
     gc.collect()
     gc.freeze()

@@ -158,7 +158,7 @@ async def refresh(request: Request) -> Response:
         raise
     svc.metrics.refreshes.labels("replayed" if rotation.replayed else "success").inc()
     # A replay inside the grace window is worth a line; a routine rotation is counted by the metric above
-    # and logged only on request (LOG_REFRESHES): one line per refresh is about 8% of a refresh's CPU.
+    # and logged only on request (LOG_REFRESHES): a line per refresh is a measurable share of its CPU.
     if rotation.replayed or svc.settings.log_refreshes:
         log.info(
             "refresh",
