@@ -9,7 +9,7 @@
      +-- InvalidCredentials          401 invalid_credentials
      |    +-- WrongPassword          403 invalid_credentials   (re-authentication of a signed-in user)
      +-- InvalidGrant                401 invalid_grant
- |    +-- RefreshTokenReused     401 invalid_grant          (theft: the family was revoked)
+     |    +-- RefreshTokenReused     401 invalid_grant          (theft: the family was revoked)
      +-- Unauthenticated             401, bare ``WWW-Authenticate: Bearer``
      +-- InvalidToken                401 invalid_token, with the RFC 6750 challenge
      +-- Forbidden                   403 forbidden

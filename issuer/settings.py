@@ -84,11 +84,12 @@ class Settings:
         """Build and validate settings; raises :class:`ConfigError` on the first bad variable."""
         env = os.environ if environ is None else environ
         jwks_max_age = _int(env, "JWKS_MAX_AGE", 300, minimum=0)
+        database_url = _database_url(env)  # before the KEK: a missing URL must not create keys/dev-kek
         kek, kek_is_dev = _load_kek(env, dev_kek_path)
         settings = cls(
             issuer_url=_issuer_url(env),
             audience=_nonempty(env, "ISSUER_AUDIENCE", "api"),
-            database_url=_database_url(env),
+            database_url=database_url,
             access_token_ttl=_int(env, "ACCESS_TOKEN_TTL", 900, minimum=1),
             refresh_token_ttl=_int(env, "REFRESH_TOKEN_TTL", 604800, minimum=1),
             session_max_age=_int(env, "SESSION_MAX_AGE", 2592000, minimum=1),

@@ -35,8 +35,6 @@ from alembic.script import ScriptDirectory
 from tests.support.database import admin_dsn
 
 REPO = Path(__file__).resolve().parents[1]
-# Settings accept only the asyncpg driver today; plain postgresql:// once Settings converts it (as migrations/env.py
-# already does).
 INSTALL_TIMEOUT = 600  # seconds; a first run without pip's cache downloads the server's dependencies
 COMMAND_TIMEOUT = 120
 READY_TIMEOUT = 60
