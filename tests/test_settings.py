@@ -15,28 +15,33 @@ from starlette.requests import Request
 from issuer.errors import Forbidden
 from issuer.http.requests import check_origin
 from issuer.settings import ConfigError, Settings
+from tests.support.jwt import b64url
 
-
-def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
+# Required: every environment below has one unless the test is about its absence.
+DATABASE_URL = "postgresql://issuer@db.example:5432/issuer"
 KEK_RAW = secrets.token_bytes(32)
 KEK = b64url(KEK_RAW)
 # 32 bytes whose standard base64 is full of '+' and '/', characters base64url does not have.
 STANDARD_ALPHABET_KEK = base64.b64encode(b"\xfb\xff\xbf" * 10 + b"\xfb\xff").decode().rstrip("=")
 
 
+def env(values: dict[str, str] | None = None) -> dict[str, str]:
+    """``values`` on top of the one variable without a default."""
+    return {"DATABASE_URL": DATABASE_URL, **(values or {})}
+
+
 def test_origins_are_compared_as_browsers_send_them(dev_kek_path: Path) -> None:
     """A browser's Origin is lower case without a default port: ISSUER_URL and ALLOWED_ORIGINS written
     otherwise must still match it, or the issuer would refuse its own pages."""
     settings = Settings.from_environ(
-        {
-            "ISSUER_URL": "https://Issuer.Example.com:443",
-            "ISSUER_KEK": KEK,
-            "ALLOWED_ORIGINS": "HTTPS://App.Example:443/, http://[::1]:8080, http://localhost:80",
-            "TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7, 2001:db8::/32",
-        },
+        env(
+            {
+                "ISSUER_URL": "https://Issuer.Example.com:443",
+                "ISSUER_KEK": KEK,
+                "ALLOWED_ORIGINS": "HTTPS://App.Example:443/, http://[::1]:8080, http://localhost:80",
+                "TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7, 2001:db8::/32",
+            }
+        ),
         dev_kek_path=dev_kek_path,
     )
     assert settings.issuer_url == "https://Issuer.Example.com:443"  # the iss claim stays exactly as given
@@ -55,6 +60,7 @@ def dev_kek_path(tmp_path: Path) -> Path:
 
 
 def config_error(environ: dict[str, str], dev_kek_path: Path) -> str:
+    """The one-line message of the ConfigError that ``environ`` (exactly that: see ``env``) stops start-up with."""
     with pytest.raises(ConfigError) as caught:
         Settings.from_environ(environ, dev_kek_path=dev_kek_path)
     message = str(caught.value)
@@ -65,10 +71,10 @@ def config_error(environ: dict[str, str], dev_kek_path: Path) -> str:
 
 
 def test_defaults_match_the_contract(dev_kek_path: Path) -> None:
-    settings = Settings.from_environ({}, dev_kek_path=dev_kek_path)
+    settings = Settings.from_environ(env(), dev_kek_path=dev_kek_path)
     assert settings.issuer_url == "http://127.0.0.1:8000"
     assert settings.audience == "api"
-    assert settings.database_url.startswith("sqlite")
+    assert settings.database_url == DATABASE_URL
     assert settings.access_token_ttl == 900
     assert settings.refresh_token_ttl == 604800
     assert settings.session_max_age == 2592000
@@ -86,7 +92,7 @@ def test_defaults_match_the_contract(dev_kek_path: Path) -> None:
 
 
 def test_publish_lead_defaults_to_twice_the_jwks_max_age(dev_kek_path: Path) -> None:
-    settings = Settings.from_environ({"JWKS_MAX_AGE": "120"}, dev_kek_path=dev_kek_path)
+    settings = Settings.from_environ(env({"JWKS_MAX_AGE": "120"}), dev_kek_path=dev_kek_path)
     assert settings.jwks_max_age == 120
     assert settings.key_publish_lead == 240
 
@@ -95,20 +101,22 @@ def test_explicit_values_are_read(tmp_path: Path, dev_kek_path: Path) -> None:
     kek_file = tmp_path / "kek"
     kek_file.write_text(KEK + "\n", encoding="ascii")
     settings = Settings.from_environ(
-        {
-            "ISSUER_URL": "https://id.example.com",
-            "ISSUER_AUDIENCE": "orders",
-            "ACCESS_TOKEN_TTL": "60",
-            "REFRESH_TOKEN_TTL": "3600",
-            "SESSION_MAX_AGE": "7200",
-            "REFRESH_REUSE_GRACE": "0",
-            "COOKIE_SECURE": "false",
-            "CLOCK_LEEWAY": "0",
-            "JWKS_MAX_AGE": "60",
-            "KEY_PUBLISH_LEAD": "60",
-            "ALLOWED_ORIGINS": "https://app.example.com, https://admin.example.com/",
-            "ISSUER_KEK_FILE": str(kek_file),
-        },
+        env(
+            {
+                "ISSUER_URL": "https://id.example.com",
+                "ISSUER_AUDIENCE": "orders",
+                "ACCESS_TOKEN_TTL": "60",
+                "REFRESH_TOKEN_TTL": "3600",
+                "SESSION_MAX_AGE": "7200",
+                "REFRESH_REUSE_GRACE": "0",
+                "COOKIE_SECURE": "false",
+                "CLOCK_LEEWAY": "0",
+                "JWKS_MAX_AGE": "60",
+                "KEY_PUBLISH_LEAD": "60",
+                "ALLOWED_ORIGINS": "https://app.example.com, https://admin.example.com/",
+                "ISSUER_KEK_FILE": str(kek_file),
+            }
+        ),
         dev_kek_path=dev_kek_path,
     )
     assert settings.issuer_url == "https://id.example.com"
@@ -168,7 +176,6 @@ def test_explicit_values_are_read(tmp_path: Path, dev_kek_path: Path) -> None:
             {"JWKS_MAX_AGE": "900", "KEY_PUBLISH_LEAD": "600"}, "KEY_PUBLISH_LEAD", id="lead-below-raised-age"
         ),
         pytest.param({"DATABASE_URL": "foo"}, "DATABASE_URL", id="database-url-garbage"),
-        pytest.param({"DATABASE_URL": "postgresql://u@h/db"}, "DATABASE_URL", id="database-url-sync-driver"),
         pytest.param({"DATABASE_URL": "mysql+aiomysql://u@h/db"}, "DATABASE_URL", id="database-url-mysql"),
         pytest.param(
             {"REFRESH_TOKEN_TTL": "90000", "SESSION_MAX_AGE": "3600"}, "REFRESH_TOKEN_TTL", id="refresh-over-session"
@@ -184,8 +191,57 @@ def test_explicit_values_are_read(tmp_path: Path, dev_kek_path: Path) -> None:
 def test_bad_value_stops_with_one_line_naming_the_variable(
     environ: dict[str, str], variable: str, dev_kek_path: Path
 ) -> None:
-    message = config_error(environ, dev_kek_path)
+    message = config_error(env(environ), dev_kek_path)
     assert variable in message
+
+
+@pytest.mark.parametrize("value", [None, "", "   "], ids=["unset", "empty", "blank"])
+def test_database_url_is_required(value: str | None, dev_kek_path: Path) -> None:
+    """No default database: an issuer that silently used some other one would lose every session and key."""
+    environ = {"ISSUER_KEK": KEK} if value is None else {"ISSUER_KEK": KEK, "DATABASE_URL": value}
+    message = config_error(environ, dev_kek_path)
+    assert message.startswith("DATABASE_URL: "), message
+    assert Settings().database_url == ""
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("sqlite+aiosqlite:///./orders_prod.db", id="sqlite-aiosqlite"),
+        pytest.param("sqlite:////var/lib/orders_prod.db", id="sqlite"),
+        pytest.param("mysql://admin:hunter2-secret@db.internal.example:3306/orders_prod", id="mysql"),
+        pytest.param("mysql+aiomysql://admin:hunter2-secret@db.internal.example/orders_prod", id="mysql-aiomysql"),
+        pytest.param("postgresql+psycopg://admin:hunter2-secret@db.internal.example/orders_prod", id="psycopg"),
+        pytest.param("https://admin:hunter2-secret@db.internal.example/orders_prod", id="https"),
+        pytest.param("admin:hunter2-secret@db.internal.example/orders_prod", id="no-scheme"),
+    ],
+)
+def test_a_database_url_that_is_not_postgresql_is_refused_without_echoing_it(url: str, dev_kek_path: Path) -> None:
+    """Only the scheme may be quoted back: the rest of the URL may hold a password, and the line goes to logs.
+
+    Without "://" the scheme is whatever precedes the first ':' (here the user name, which is no secret);
+    nothing after that colon may appear."""
+    message = config_error(env({"DATABASE_URL": url}), dev_kek_path)
+    assert message.startswith("DATABASE_URL: "), message
+    rest = url.partition("://")[2] if "://" in url else url.partition(":")[2]
+    assert rest not in message
+    hidden = ("hunter2-secret", "db.internal.example", "3306", "orders_prod", "/var/lib", "./")
+    for part in (*hidden, "admin") if "://" in url else hidden:
+        assert part not in message, (part, message)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://admin:hunter2-secret@db.internal.example:5432/orders_prod",
+        "postgres://admin@db.internal.example/orders_prod",
+        "postgresql+asyncpg://admin:hunter2-secret@db.internal.example/orders_prod",
+        "postgresql:///orders_prod?host=/run/postgresql",
+    ],
+)
+def test_postgresql_urls_are_accepted_as_given(url: str, dev_kek_path: Path) -> None:
+    settings = Settings.from_environ(env({"DATABASE_URL": url}), dev_kek_path=dev_kek_path)
+    assert settings.database_url == url
 
 
 @pytest.mark.parametrize(
@@ -201,7 +257,7 @@ def test_bad_value_stops_with_one_line_naming_the_variable(
     ],
 )
 def test_kek_not_base64url(value: str, dev_kek_path: Path) -> None:
-    message = config_error({"ISSUER_KEK": value}, dev_kek_path)
+    message = config_error(env({"ISSUER_KEK": value}), dev_kek_path)
     assert "ISSUER_KEK" in message
     assert value.strip() not in message
 
@@ -209,14 +265,14 @@ def test_kek_not_base64url(value: str, dev_kek_path: Path) -> None:
 @pytest.mark.parametrize("length", [0, 16, 31, 33, 64])
 def test_kek_wrong_length(length: int, dev_kek_path: Path) -> None:
     value = b64url(secrets.token_bytes(length)) if length else "===="
-    message = config_error({"ISSUER_KEK": value}, dev_kek_path)
+    message = config_error(env({"ISSUER_KEK": value}), dev_kek_path)
     assert "ISSUER_KEK" in message
     assert value not in message
 
 
 def test_kek_file_missing(tmp_path: Path, dev_kek_path: Path) -> None:
     missing = tmp_path / "no-such-kek"
-    message = config_error({"ISSUER_KEK_FILE": str(missing)}, dev_kek_path)
+    message = config_error(env({"ISSUER_KEK_FILE": str(missing)}), dev_kek_path)
     assert "ISSUER_KEK_FILE" in message
     assert not dev_kek_path.exists()
 
@@ -225,7 +281,7 @@ def test_kek_file_missing(tmp_path: Path, dev_kek_path: Path) -> None:
 def test_kek_file_with_bad_content(content: str, tmp_path: Path, dev_kek_path: Path) -> None:
     kek_file = tmp_path / "kek"
     kek_file.write_text(content, encoding="ascii")
-    message = config_error({"ISSUER_KEK_FILE": str(kek_file)}, dev_kek_path)
+    message = config_error(env({"ISSUER_KEK_FILE": str(kek_file)}), dev_kek_path)
     assert "ISSUER_KEK_FILE" in message
     if content.strip():
         assert content.strip() not in message
@@ -234,14 +290,14 @@ def test_kek_file_with_bad_content(content: str, tmp_path: Path, dev_kek_path: P
 def test_kek_and_kek_file_together(tmp_path: Path, dev_kek_path: Path) -> None:
     kek_file = tmp_path / "kek"
     kek_file.write_text(KEK, encoding="ascii")
-    message = config_error({"ISSUER_KEK": KEK, "ISSUER_KEK_FILE": str(kek_file)}, dev_kek_path)
+    message = config_error(env({"ISSUER_KEK": KEK, "ISSUER_KEK_FILE": str(kek_file)}), dev_kek_path)
     assert "ISSUER_KEK" in message
     assert KEK not in message
 
 
 def test_https_issuer_with_a_real_kek_is_fine(dev_kek_path: Path) -> None:
     settings = Settings.from_environ(
-        {"ISSUER_URL": "https://issuer.example.com/", "ISSUER_KEK": KEK}, dev_kek_path=dev_kek_path
+        env({"ISSUER_URL": "https://issuer.example.com/", "ISSUER_KEK": KEK}), dev_kek_path=dev_kek_path
     )
     assert settings.issuer_url == "https://issuer.example.com"
     assert settings.kek.reveal() == KEK_RAW
@@ -259,29 +315,29 @@ def open_umask() -> Iterator[None]:
 
 
 def test_dev_kek_file_is_private_and_reused(dev_kek_path: Path, open_umask: None) -> None:
-    first = Settings.from_environ({}, dev_kek_path=dev_kek_path)
+    first = Settings.from_environ(env(), dev_kek_path=dev_kek_path)
     assert first.kek_is_dev is True
     assert dev_kek_path.is_file()
     assert stat.S_IMODE(dev_kek_path.stat().st_mode) == 0o600
     stored = dev_kek_path.read_text(encoding="ascii").strip()
     assert base64.urlsafe_b64decode(stored + "=" * (-len(stored) % 4)) == first.kek.reveal()
 
-    second = Settings.from_environ({}, dev_kek_path=dev_kek_path)
+    second = Settings.from_environ(env(), dev_kek_path=dev_kek_path)
     assert second.kek.reveal() == first.kek.reveal()
     assert second.kek_is_dev is True
     assert stat.S_IMODE(dev_kek_path.stat().st_mode) == 0o600
 
 
 def test_dev_kek_differs_between_installs(tmp_path: Path) -> None:
-    one = Settings.from_environ({}, dev_kek_path=tmp_path / "a" / "dev-kek")
-    two = Settings.from_environ({}, dev_kek_path=tmp_path / "b" / "dev-kek")
+    one = Settings.from_environ(env(), dev_kek_path=tmp_path / "a" / "dev-kek")
+    two = Settings.from_environ(env(), dev_kek_path=tmp_path / "b" / "dev-kek")
     assert one.kek.reveal() != two.kek.reveal()
 
 
 def test_corrupt_dev_kek_file_is_an_error(dev_kek_path: Path) -> None:
     dev_kek_path.parent.mkdir(parents=True)
     dev_kek_path.write_text("garbage", encoding="ascii")
-    message = config_error({}, dev_kek_path)
+    message = config_error(env({}), dev_kek_path)
     assert "ISSUER_KEK" in message
 
 
@@ -294,7 +350,7 @@ def test_kek_never_shows_in_repr_or_str(source: str, tmp_path: Path, dev_kek_pat
         kek_file = tmp_path / "kek"
         kek_file.write_text(KEK, encoding="ascii")
         environ["ISSUER_KEK_FILE"] = str(kek_file)
-    settings = Settings.from_environ(environ, dev_kek_path=dev_kek_path)
+    settings = Settings.from_environ(env(environ), dev_kek_path=dev_kek_path)
     raw = settings.kek.reveal()
     assert len(raw) == 32
     encodings = {

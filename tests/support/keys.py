@@ -1,12 +1,11 @@
-"""Helpers for the signing-key tests: running the `issuer` CLI in-process, reading keys, tokens and JWKS."""
+"""Helpers for the signing-key tests: running the `issuer` CLI in-process, reading keys, tokens and JWKS,
+several replicas on one database. Base64url, thumbprints and token headers are in ``tests.support.jwt``."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import json
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +20,14 @@ from issuer.settings import Settings, encode_kek
 from issuer.storage import signing_keys
 from issuer.storage.database import Database
 from tests.support.clock import FakeClock
+from tests.support.issuer import IssuerHarness, running_issuer
+from tests.support.jwt import token_kid
 
-# Every variable Settings.from_environ reads; the CLI gets exactly the test settings, nothing from the host.
-_CONFIG_VARIABLES = (
+JWKS = "/.well-known/jwks.json"
+
+# Every variable Settings.from_environ reads (tests/test_cli.py checks this list against it): the CLI gets
+# exactly the test settings, nothing from the host.
+CONFIG_VARIABLES = (
     "ISSUER_URL",
     "ISSUER_AUDIENCE",
     "DATABASE_URL",
@@ -37,6 +41,13 @@ _CONFIG_VARIABLES = (
     "KEY_PUBLISH_LEAD",
     "KEY_ROTATION_INTERVAL",
     "KEY_RELOAD_INTERVAL",
+    "RATE_LIMIT_PER_IP",
+    "LOGIN_LOCKOUT_THRESHOLD",
+    "CLEANUP_INTERVAL",
+    "CLEANUP_RETENTION",
+    "DB_POOL_SIZE",
+    "ACCESS_LOG",
+    "LOG_REFRESHES",
     "ALLOWED_ORIGINS",
     "TRUSTED_PROXIES",
     "ISSUER_KEK",
@@ -45,6 +56,38 @@ _CONFIG_VARIABLES = (
     "ARGON2_TIME_COST",
     "ARGON2_PARALLELISM",
 )
+
+
+def settings_environ(settings: Settings) -> dict[str, str]:
+    """The environment from which ``Settings.from_environ`` builds ``settings`` again."""
+    return {
+        "ISSUER_URL": settings.issuer_url,
+        "ISSUER_AUDIENCE": settings.audience,
+        "DATABASE_URL": settings.database_url,
+        "ACCESS_TOKEN_TTL": str(settings.access_token_ttl),
+        "REFRESH_TOKEN_TTL": str(settings.refresh_token_ttl),
+        "SESSION_MAX_AGE": str(settings.session_max_age),
+        "REFRESH_REUSE_GRACE": str(settings.refresh_reuse_grace),
+        "COOKIE_SECURE": str(settings.cookie_secure).lower(),
+        "CLOCK_LEEWAY": str(settings.clock_leeway),
+        "JWKS_MAX_AGE": str(settings.jwks_max_age),
+        "KEY_PUBLISH_LEAD": str(settings.key_publish_lead),
+        "KEY_ROTATION_INTERVAL": str(settings.key_rotation_interval),
+        "KEY_RELOAD_INTERVAL": str(settings.key_reload_interval),
+        "RATE_LIMIT_PER_IP": str(settings.rate_limit_per_ip),
+        "LOGIN_LOCKOUT_THRESHOLD": str(settings.login_lockout_threshold),
+        "CLEANUP_INTERVAL": str(settings.cleanup_interval),
+        "CLEANUP_RETENTION": str(settings.cleanup_retention),
+        "DB_POOL_SIZE": str(settings.db_pool_size),
+        "ACCESS_LOG": str(settings.access_log).lower(),
+        "LOG_REFRESHES": str(settings.log_refreshes).lower(),
+        "ALLOWED_ORIGINS": ",".join(settings.allowed_origins),
+        "TRUSTED_PROXIES": ",".join(settings.trusted_proxies),
+        "ISSUER_KEK": encode_kek(settings.kek.reveal()),
+        "ARGON2_MEMORY_COST": str(settings.argon2.memory_cost_kib),
+        "ARGON2_TIME_COST": str(settings.argon2.time_cost),
+        "ARGON2_PARALLELISM": str(settings.argon2.parallelism),
+    }
 
 
 @dataclass(frozen=True)
@@ -67,24 +110,10 @@ class Cli:
     def __init__(self, settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
         self._monkeypatch = monkeypatch
         self._capsys = capsys
-        for name in _CONFIG_VARIABLES:
+        for name in CONFIG_VARIABLES:
             monkeypatch.delenv(name, raising=False)
-        values = {
-            "ISSUER_URL": settings.issuer_url,
-            "ISSUER_AUDIENCE": settings.audience,
-            "DATABASE_URL": settings.database_url,
-            "ACCESS_TOKEN_TTL": settings.access_token_ttl,
-            "REFRESH_TOKEN_TTL": settings.refresh_token_ttl,
-            "SESSION_MAX_AGE": settings.session_max_age,
-            "CLOCK_LEEWAY": settings.clock_leeway,
-            "JWKS_MAX_AGE": settings.jwks_max_age,
-            "KEY_PUBLISH_LEAD": settings.key_publish_lead,
-            "KEY_ROTATION_INTERVAL": settings.key_rotation_interval,
-            "KEY_RELOAD_INTERVAL": settings.key_reload_interval,
-            "ISSUER_KEK": encode_kek(settings.kek.reveal()),
-        }
-        for name, value in values.items():
-            monkeypatch.setenv(name, str(value))
+        for name, value in settings_environ(settings).items():
+            monkeypatch.setenv(name, value)
         # The CLI is a separate process in production and reads the wall clock; here it shares the app's clock.
         monkeypatch.setattr(issuer.cli, "system_clock", clock)
 
@@ -120,40 +149,45 @@ async def key_rows(database_url: str) -> list[KeyRecord]:
         await db.close()
 
 
+async def insert_key(database_url: str, record: KeyRecord) -> None:
+    """Write ``record`` as it is (kid, schedule, generation), as no operator command would."""
+    db = Database(database_url, size=1)
+    try:
+        await signing_keys.insert(db, record)
+    finally:
+        await db.close()
+
+
 def by_kid(records: Sequence[KeyRecord]) -> dict[str, KeyRecord]:
     return {r.kid: r for r in records}
 
 
-def b64url_decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+def only_new(after: Sequence[KeyRecord], before: Sequence[KeyRecord]) -> KeyRecord:
+    """The one row of ``after`` whose kid ``before`` does not have."""
+    known = {r.kid for r in before}
+    fresh = [r for r in after if r.kid not in known]
+    assert len(fresh) == 1, [r.kid for r in fresh]
+    return fresh[0]
 
 
-def b64url_uint(value: int) -> str:
-    raw = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+@contextlib.asynccontextmanager
+async def replicas(settings: Settings, clock: FakeClock, count: int) -> AsyncIterator[list[IssuerHarness]]:
+    """``count`` app instances on one database, started one after the other like a rolling deploy."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(running_issuer(settings, clock)) for _ in range(count)]
 
 
-def rfc7638_thumbprint(n: int, e: int) -> str:
-    """Computed here from the RFC, independently of joserfc."""
-    members = json.dumps({"e": b64url_uint(e), "kty": "RSA", "n": b64url_uint(n)}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(hashlib.sha256(members.encode()).digest()).rstrip(b"=").decode("ascii")
-
-
-def token_kid(token: str) -> str:
-    header = json.loads(b64url_decode(token.split(".")[0]))
-    kid = header["kid"]
-    assert isinstance(kid, str)
-    return kid
+async def reload_all(instances: Sequence[IssuerHarness]) -> None:
+    """What every replica does by itself once per KEY_RELOAD_INTERVAL."""
+    await asyncio.gather(*(instance.services.keys.reload() for instance in instances))
 
 
 async def jwks_kids(client: httpx.AsyncClient) -> set[str]:
-    response = await client.get("/.well-known/jwks.json")
-    assert response.status_code == 200, response.text
-    return {key["kid"] for key in response.json()["keys"]}
+    return {key["kid"] for key in (await fetch_jwks(client))["keys"]}
 
 
 async def fetch_jwks(client: httpx.AsyncClient) -> dict[str, Any]:
-    response = await client.get("/.well-known/jwks.json")
+    response = await client.get(JWKS)
     assert response.status_code == 200, response.text
     document = response.json()
     assert isinstance(document, dict)

@@ -1,14 +1,14 @@
-"""Helpers for the verifier tests: simulated time, local RSA keys, a scriptable fake issuer, counting transports."""
+"""Helpers for the verifier tests: local RSA keys, tokens signed with them, a scriptable fake issuer, counting
+transports. Time is the one ``tests.support.clock.FakeClock``: ``wall()`` dates the tokens, ``monotonic()`` ages
+the JWKS cache."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import hashlib
 import json
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,27 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from joserfc.jwk import RSAKey
 
 from issuer.verifier import AccessTokenVerifier, JWKSCache
+from tests.support.clock import FakeClock
+from tests.support.jwt import b64url, b64url_json, b64url_uint, kid_of
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "api"
 JWKS_URI = f"{ISSUER}/.well-known/jwks.json"
 METADATA_URI = f"{ISSUER}/.well-known/oauth-authorization-server"
-
-
-class SimClock:
-    """Simulated time for both clocks the verifier reads: ``monotonic`` (cache ages) and ``wall`` (exp/iat)."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self.now = float(int(time.time())) if start is None else start
-
-    def wall(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+LEEWAY = 5  # seconds of clock skew a ``verifier_for`` verifier allows
 
 
 # ---------------------------------------------------------------- keys and tokens
@@ -49,17 +36,6 @@ class SimClock:
 def private_key(index: int = 0, bits: int = 2048) -> rsa.RSAPrivateKey:
     """A few keys per test run: generating RSA keys is the slow part of these tests."""
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-
-
-def b64url_uint(value: int) -> str:
-    return b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
-
-
-def kid_of(key: rsa.RSAPrivateKey) -> str:
-    """RFC 7638 thumbprint, computed here (joserfc refuses to import short keys without a warning)."""
-    numbers = key.public_key().public_numbers()
-    members = {"e": b64url_uint(numbers.e), "kty": "RSA", "n": b64url_uint(numbers.n)}
-    return b64url(hashlib.sha256(json.dumps(members, separators=(",", ":")).encode()).digest())
 
 
 def public_jwk(key: rsa.RSAPrivateKey, **extra: Any) -> dict[str, Any]:
@@ -75,15 +51,7 @@ def private_jwk(key: rsa.RSAPrivateKey) -> dict[str, Any]:
     return {**RSAKey.import_key(key).as_dict(private=True), "kid": kid_of(key), "use": "sig", "alg": "RS256"}
 
 
-def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def b64url_json(value: object) -> str:
-    return b64url(json.dumps(value, separators=(",", ":")).encode())
-
-
-def claims_for(clock: SimClock, ttl: int = 900, **changes: Any) -> dict[str, Any]:
+def claims_for(clock: FakeClock, ttl: int = 900, **changes: Any) -> dict[str, Any]:
     iat = int(clock.wall())
     claims: dict[str, Any] = {
         "iss": ISSUER,
@@ -127,7 +95,7 @@ def sign(header: Mapping[str, Any], payload: Mapping[str, Any] | bytes, key: rsa
     return f"{signing_input}.{b64url(signature)}"
 
 
-def mint(clock: SimClock, key: rsa.RSAPrivateKey | None = None, **claim_changes: Any) -> str:
+def mint(clock: FakeClock, key: rsa.RSAPrivateKey | None = None, **claim_changes: Any) -> str:
     key = key or private_key(0)
     return sign(header_for(key), claims_for(clock, **claim_changes), key)
 
@@ -191,7 +159,7 @@ class FakeIssuer:
 
 
 def verifier_for(
-    http: httpx.AsyncClient, clock: SimClock, *, discover: bool = False, leeway: int = 5, **cache_options: Any
+    http: httpx.AsyncClient, clock: FakeClock, *, discover: bool = False, leeway: int = LEEWAY, **cache_options: Any
 ) -> AccessTokenVerifier:
     jwks = (
         JWKSCache(issuer=ISSUER, http_client=http, monotonic=clock.monotonic, **cache_options)

@@ -1,7 +1,7 @@
 """Property: key rotation never breaks a valid token for a gateway that honours the JWKS Cache-Control.
 
 Simulated time, no database and no RSA work: the rotation planner (issuer.keys.policy) and the state
-functions (issuer.keys.ring) are pure, so any sequence of operations can be replayed against them. At every
+functions (issuer.keys.records) are pure, so any sequence of operations can be replayed against them. At every
 step a gateway fetches the JWKS and the issuer signs a token; then, at every later instant, every token
 that has not expired (plus leeway) must find its kid in every JWKS fetch whose advertised max-age has not
 run out. The only exemptions are the ones the contract accepts: tokens signed by a revoked key, and

@@ -1,36 +1,35 @@
-"""Signing keys at rest: only public members are served, the database alone does not give the private key away."""
+"""Signing keys at rest: only public members are served, the database alone does not give the private key away,
+and a KEK that does not open the stored keys stops start-up before anything is written."""
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from issuer.storage.store import insert_key
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.http.app import create_app
 from issuer.keys.material import KeyDecryptionError, decrypt_private_key, new_key_record
 from issuer.settings import Secret, Settings
-from issuer.storage.schema import create_engine, signing_keys
+from issuer.storage.database import asyncpg_dsn
+from issuer.storage.schema import signing_keys
 from tests.support.clock import FakeClock
 from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.jwt import b64url
+from tests.support.keys import insert_key, key_rows
 
 PUBLIC_MEMBERS = {"kty", "kid", "use", "alg", "n", "e"}
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
-
-
-def b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def int_bytes(value: int) -> bytes:
@@ -68,33 +67,32 @@ def secret_fragments(private_key: rsa.RSAPrivateKey) -> dict[str, bytes]:
     return fragments
 
 
-async def key_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
+async def table_rows(engine: AsyncEngine) -> list[dict[str, Any]]:
+    """The signing_keys table's cells as the database holds them (SQLAlchemy Core, not the issuer's statements)."""
     async with engine.connect() as conn:
-        result = await conn.execute(select(signing_keys))
+        result = await conn.execute(select(signing_keys).order_by(signing_keys.c.generation))
         return [dict(row._mapping) for row in result]
 
 
-async def start_issuer(settings: Settings, clock: FakeClock) -> None:
-    """Run the app's start-up as ``running_issuer`` does, and always close its connection pool.
-
-    The app's lifespan does not dispose its engine when start-up itself fails (it only does on shutdown),
-    and an abandoned asyncpg pool becomes a ResourceWarning at garbage collection, so it is closed here.
-    """
+async def refused_startup(settings: Settings, clock: FakeClock) -> KeyDecryptionError:
+    """Run the app's start-up as ``running_issuer`` does; it must fail on the stored keys."""
     app = create_app(settings, clock=clock)
-    try:
+    with pytest.raises(KeyDecryptionError) as caught:
         async with app.router.lifespan_context(app):
-            pass
-    finally:
-        await app.state.engine.dispose()
+            pytest.fail("the app started with a KEK that does not open its keys")
+    return caught.value
 
 
-@pytest.fixture
-async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(settings.database_url)
+async def backends(database_url: str) -> set[int]:
+    """The server processes connected to the test database now (other than the one asking)."""
+    conn = await asyncpg.connect(asyncpg_dsn(database_url), timeout=5)
     try:
-        yield engine
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
     finally:
-        await engine.dispose()
+        await conn.close()
+    return {row["pid"] for row in rows}
 
 
 async def test_jwks_has_public_members_only(client: httpx.AsyncClient, issuer: IssuerHarness) -> None:
@@ -116,10 +114,10 @@ async def test_jwks_has_public_members_only(client: httpx.AsyncClient, issuer: I
             assert fragment not in response.content, name
 
 
-async def test_private_key_is_not_stored_in_clear(issuer: IssuerHarness, engine: AsyncEngine) -> None:
+async def test_private_key_is_not_stored_in_clear(issuer: IssuerHarness) -> None:
     ring = issuer.services.keys.ring
     assert ring.keys
-    rows = {row["kid"]: row for row in await key_rows(engine)}
+    rows = {row["kid"]: row for row in await table_rows(issuer.engine)}
     for loaded in ring.keys:
         private = loaded.signing_key.private_key
         assert isinstance(private, rsa.RSAPrivateKey)
@@ -141,8 +139,8 @@ async def test_private_key_is_not_stored_in_clear(issuer: IssuerHarness, engine:
         assert opened.private_numbers() == private.private_numbers()
 
 
-async def test_another_kek_does_not_decrypt(issuer: IssuerHarness, engine: AsyncEngine) -> None:
-    (row,) = await key_rows(engine)
+async def test_another_kek_does_not_decrypt(issuer: IssuerHarness) -> None:
+    (row,) = await table_rows(issuer.engine)
     blob = bytes(row["private_key_enc"])
     other = Secret(secrets.token_bytes(32))
     with pytest.raises(KeyDecryptionError):
@@ -156,8 +154,8 @@ async def test_another_kek_does_not_decrypt(issuer: IssuerHarness, engine: Async
     decrypt_private_key(issuer.services.settings.kek, row["kid"], blob)
 
 
-async def test_tampered_ciphertext_does_not_decrypt(issuer: IssuerHarness, engine: AsyncEngine) -> None:
-    (row,) = await key_rows(engine)
+async def test_tampered_ciphertext_does_not_decrypt(issuer: IssuerHarness) -> None:
+    (row,) = await table_rows(issuer.engine)
     kek = issuer.services.settings.kek
     blob = bytearray(row["private_key_enc"])
     for position in (0, 12, len(blob) // 2, len(blob) - 1):
@@ -167,40 +165,39 @@ async def test_tampered_ciphertext_does_not_decrypt(issuer: IssuerHarness, engin
             decrypt_private_key(kek, row["kid"], bytes(tampered))
 
 
-async def test_startup_with_another_kek_fails_naming_issuer_kek(
-    settings: Settings, clock: FakeClock, engine: AsyncEngine
+async def test_startup_with_another_kek_fails_naming_issuer_kek_and_writes_nothing(
+    settings: Settings, clock: FakeClock
 ) -> None:
     async with running_issuer(settings, clock) as harness:
         assert harness.services.keys.signing_key(clock()) is not None
-    assert len(await key_rows(engine)) == 1
+    before = await key_rows(settings.database_url)
+    assert len(before) == 1
 
     wrong = with_settings(settings, kek=Secret(secrets.token_bytes(32)))
-    with pytest.raises(KeyDecryptionError) as caught:
-        await start_issuer(wrong, clock)
-    message = str(caught.value)
+    message = str(await refused_startup(wrong, clock))
     assert "ISSUER_KEK" in message
     assert "\n" not in message
     assert wrong.kek.reveal().hex() not in message
-    # It did not "repair" the table by creating a fresh key it can open.
-    assert len(await key_rows(engine)) == 1
+    assert b64url(wrong.kek.reveal()) not in message
+    # It did not "repair" the table by creating a fresh key it can open, nor touch the one it could not.
+    assert await key_rows(settings.database_url) == before
 
-    # Control: the right KEK still starts.
+    # Control: the right KEK still starts, with the same key.
     async with running_issuer(settings, clock) as harness:
-        assert harness.services.keys.signing_key(clock()) is not None
+        signing = harness.services.keys.signing_key(clock())
+        assert signing is not None
+        assert signing.record.kid == before[0].kid
+    assert await key_rows(settings.database_url) == before
 
 
-async def test_ciphertext_is_bound_to_its_kid(settings: Settings, clock: FakeClock, engine: AsyncEngine) -> None:
-    async with running_issuer(settings, clock):
-        pass
+async def test_ciphertext_is_bound_to_its_kid(settings: Settings, clock: FakeClock, issuer: IssuerHarness) -> None:
+    (first,) = await key_rows(settings.database_url)
+    # A second, published key, as a rotation would write it (generations are unique per table).
     second = new_key_record(
         settings.kek, now=clock(), activate_at=clock() + timedelta(seconds=settings.key_publish_lead)
     )
-    (first,) = await key_rows(engine)
-    # A second, published key, as a rotation would write it (generations are unique per table).
-    second = replace(second, generation=first["generation"] + 1)
-    async with engine.begin() as conn:
-        await insert_key(conn, second)
-    rows = await key_rows(engine)
+    await insert_key(settings.database_url, replace(second, generation=first.generation + 1))
+    rows = await table_rows(issuer.engine)
     assert len(rows) == 2
     first_row, second_row = rows
     first_blob, second_blob = bytes(first_row["private_key_enc"]), bytes(second_row["private_key_enc"])
@@ -215,11 +212,10 @@ async def test_ciphertext_is_bound_to_its_kid(settings: Settings, clock: FakeClo
         decrypt_private_key(settings.kek, second_row["kid"], first_blob)
 
     # Swap the blobs in the database: the issuer refuses to start rather than sign under the wrong kid.
-    async with engine.begin() as conn:
+    async with issuer.engine.begin() as conn:
         for kid, blob in ((first_row["kid"], second_blob), (second_row["kid"], first_blob)):
             await conn.execute(update(signing_keys).where(signing_keys.c.kid == kid).values(private_key_enc=blob))
-    with pytest.raises(KeyDecryptionError):
-        await start_issuer(settings, clock)
+    await refused_startup(settings, clock)
 
 
 def test_encryption_uses_a_fresh_nonce(settings: Settings, clock: FakeClock) -> None:
@@ -232,16 +228,33 @@ def test_encryption_uses_a_fresh_nonce(settings: Settings, clock: FakeClock) -> 
 
 
 async def test_failed_startup_closes_its_connection_pool(
-    settings: Settings, clock: FakeClock, engine: AsyncEngine
+    settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with running_issuer(settings, clock):
         pass
-    app = create_app(with_settings(settings, kek=Secret(secrets.token_bytes(32))), clock=clock)
-    pool = app.state.engine.pool
-    try:
-        with pytest.raises(KeyDecryptionError):
-            async with app.router.lifespan_context(app):
-                pass
-        assert pool.checkedin() == 0, "an idle connection was left open in the pool"
-    finally:
-        await app.state.engine.dispose()
+    before = await backends(settings.database_url)
+
+    pools: list[asyncpg.Pool] = []
+    create_pool = asyncpg.create_pool
+
+    async def spy(*args: Any, **kwargs: Any) -> asyncpg.Pool:
+        pool: asyncpg.Pool = await create_pool(*args, **kwargs)
+        pools.append(pool)
+        return pool
+
+    with monkeypatch.context() as patch:
+        patch.setattr(asyncpg, "create_pool", spy)  # what issuer.storage.database calls
+        await refused_startup(with_settings(settings, kek=Secret(secrets.token_bytes(32))), clock)
+
+    assert len(pools) == 1, "the start-up read the keys through one pool"
+    (pool,) = pools
+    assert pool.is_closing()
+    assert pool.get_size() == 0, "a connection was left open in the pool"
+    # And the server agrees: no backend of the failed start-up is still connected (a closed connection's
+    # backend exits a moment after the client's goodbye).
+    for _ in range(50):
+        lingering = await backends(settings.database_url) - before
+        if not lingering:
+            break
+        await asyncio.sleep(0.05)
+    assert not lingering, f"backends of the failed start-up still connected: {lingering}"

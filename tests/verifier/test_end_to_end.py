@@ -7,15 +7,12 @@ The resource service is ``examples/resource_service.py``, the program the README
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import importlib
-import json
 import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -30,9 +27,10 @@ from issuer.verifier import AccessTokenVerifier, JWKSCache, VerificationError
 from tests.support.clock import FakeClock
 from tests.support.http import bearer, login, refresh_body, register
 from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.jwt import jwt_claims, token_kid
 from tests.support.verifier import CountingTransport
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 JWKS_PATH = "/.well-known/jwks.json"
 METADATA_PATH = "/.well-known/oauth-authorization-server"
 EXAMPLE = "examples.resource_service"
@@ -53,40 +51,22 @@ def load_example(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, str
     sys.modules.pop(EXAMPLE, None)
 
 
-def claims_of(token: str) -> dict[str, Any]:
-    segment = token.split(".")[1]
-    claims = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    assert isinstance(claims, dict)
-    return claims
-
-
-def kid_of(token: str) -> str:
-    segment = token.split(".")[0]
-    kid = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))["kid"]
-    assert isinstance(kid, str)
-    return kid
-
-
 @contextlib.asynccontextmanager
 async def verifier_on(
-    issuer: IssuerHarness, **cache_options: Any
+    issuer: IssuerHarness, clock: FakeClock, **cache_options: Any
 ) -> AsyncIterator[tuple[AccessTokenVerifier, CountingTransport]]:
-    """A verifier that reaches the issuer app in-process, on the issuer's simulated clock; its traffic is counted."""
+    """A verifier that reaches the issuer app in-process, on the issuer's fake clock; its traffic is counted."""
     counting = CountingTransport(httpx.ASGITransport(app=issuer.app))
     settings = issuer.services.settings
-
-    def seconds() -> float:
-        return issuer.clock.now.timestamp()
-
     async with httpx.AsyncClient(transport=counting) as http:
-        jwks = JWKSCache(issuer=settings.issuer_url, http_client=http, monotonic=seconds, **cache_options)
+        jwks = JWKSCache(issuer=settings.issuer_url, http_client=http, monotonic=clock.monotonic, **cache_options)
         yield (
             AccessTokenVerifier(
                 issuer=settings.issuer_url,
                 audience=settings.audience,
                 jwks=jwks,
                 leeway=settings.clock_leeway,
-                clock=seconds,
+                clock=clock.wall,
             ),
             counting,
         )
@@ -100,7 +80,11 @@ async def test_logout_all_reaches_resource_services_when_the_token_expires_witho
 ) -> None:
     settings = with_settings(settings, access_token_ttl=120)
     example = load_example(settings.issuer_url, settings.audience)
-    async with running_issuer(settings, clock) as issuer, issuer.client() as idp, verifier_on(issuer) as (v, counting):
+    async with (
+        running_issuer(settings, clock) as issuer,
+        issuer.client() as idp,
+        verifier_on(issuer, clock) as (v, counting),
+    ):
         resource_app = example.create_app(v)
         async with resource_app.router.lifespan_context(resource_app):
             assert counting.paths == [METADATA_PATH, JWKS_PATH]  # warmed at start-up, before any request
@@ -108,7 +92,7 @@ async def test_logout_all_reaches_resource_services_when_the_token_expires_witho
             async with httpx.AsyncClient(transport=transport, base_url="http://resource.test") as resource:
                 user = await register(idp)
                 token = (await login(idp))["access_token"]
-                exp = claims_of(token)["exp"]
+                exp = jwt_claims(token)["exp"]
                 response = await resource.get("/whoami", headers=bearer(token))
                 assert response.status_code == 200, response.text
                 assert response.json() == {"sub": user["id"], "role": "user"}
@@ -120,11 +104,11 @@ async def test_logout_all_reaches_resource_services_when_the_token_expires_witho
                 # ACCESS_TOKEN_TTL + leeway), and never asks the issuer about it.
                 leeway = settings.clock_leeway
                 for moment in (0, 60, 120, 120 + leeway - 1):
-                    clock.now = datetime.fromtimestamp(exp - 120 + moment, UTC)
+                    clock.advance(exp - 120 + moment - clock.wall())  # wall and monotonic time move together
                     response = await resource.get("/whoami", headers=bearer(token))
                     assert response.status_code == 200, (moment, response.text)
 
-                clock.now = datetime.fromtimestamp(exp + leeway, UTC)
+                clock.advance(exp + leeway - clock.wall())
                 response = await resource.get("/whoami", headers=bearer(token))
                 assert response.status_code == 401
                 assert response.json()["error_description"] == "The access token has expired."
@@ -142,10 +126,10 @@ async def test_key_rotation_during_traffic_rejects_no_valid_token(issuer: Issuer
     step, total, rotations = 20, 3400, {100, 1300, 2500}
     async with (
         issuer.client() as idp,
-        verifier_on(issuer) as (honest, honest_traffic),
+        verifier_on(issuer, clock) as (honest, honest_traffic),
         # Control: a cache that ignores max-age and never refetches for an unknown kid. It must be caught out,
         # or this test could not tell a correct cache from one that merely got lucky.
-        verifier_on(issuer, min_ttl=86400, default_ttl=86400, unknown_kid_cooldown=86400) as (stubborn, _),
+        verifier_on(issuer, clock, min_ttl=86400, default_ttl=86400, unknown_kid_cooldown=86400) as (stubborn, _),
     ):
         jwks_response = await idp.get(JWKS_PATH)
         cache_control = re.fullmatch(r"public, max-age=(\d+)", jwks_response.headers["cache-control"])
@@ -164,10 +148,10 @@ async def test_key_rotation_during_traffic_rejects_no_valid_token(issuer: Issuer
             assert response.status_code == 200, response.text
             refresh_token = response.json()["refresh_token"]
             live.append(response.json()["access_token"])
-            now = clock.now.timestamp()
-            live = [t for t in live if now < claims_of(t)["exp"] + settings.clock_leeway]  # the valid ones
+            now = clock.wall()
+            live = [t for t in live if now < jwt_claims(t)["exp"] + settings.clock_leeway]  # the valid ones
             for token in live:
-                kids.add(kid_of(token))
+                kids.add(token_kid(token))
                 for name, verifier in (("honest", honest), ("stubborn", stubborn)):
                     try:
                         await verifier.verify(token)

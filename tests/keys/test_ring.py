@@ -3,7 +3,7 @@
 ``KeyRing._published_kids(now)`` answers from a remembered span ``[since, until)`` while ``now`` stays
 inside it. Whatever the keys' timestamps and however ``now`` moves (forward, backward, repeated, landing
 exactly on a boundary or a microsecond either side of one), ``verification_key_map(now)`` and
-``jwks(now)`` must agree with ``keys.published_kids(records, now, grace)`` on a ring that remembers
+``jwks(now)`` must agree with ``issuer.keys.records.published_kids(records, now, grace)`` on a ring that remembers
 nothing. Plain ``random`` with fixed seeds, so every run checks the same cases and a failure reproduces.
 """
 

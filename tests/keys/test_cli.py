@@ -17,39 +17,24 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from issuer.storage.store import insert_key
 from sqlalchemy import update
 
-from issuer.keys import ring as keys
+from issuer.keys import importing, material
 from issuer.keys.manager import KeyManager
 from issuer.keys.material import encrypt_private_key, new_key_record
-from issuer.keys.records import KeyRecord, KeyState
+from issuer.keys.records import KeyState
 from issuer.settings import Secret, Settings
-from issuer.storage.schema import create_engine, signing_keys
+from issuer.storage.schema import signing_keys
 from issuer.verifier import jwks
 from tests.support.clock import FakeClock
 from tests.support.http import bearer, login, register
 from tests.support.issuer import IssuerHarness
-from tests.support.keys import (
-    Cli,
-    assert_refused,
-    by_kid,
-    jwks_kids,
-    key_rows,
-    rfc7638_thumbprint,
-    token_kid,
-)
+from tests.support.jwt import kid_of, token_kid
+from tests.support.keys import Cli, assert_refused, by_kid, insert_key, jwks_kids, key_rows, only_new
 
 
 def ts(value: datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def only_new(after: list[KeyRecord], before: list[KeyRecord]) -> KeyRecord:
-    known = {r.kid for r in before}
-    fresh = [r for r in after if r.kid not in known]
-    assert len(fresh) == 1, [r.kid for r in fresh]
-    return fresh[0]
 
 
 def pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey, fmt: str) -> bytes:
@@ -136,12 +121,7 @@ async def test_revoke_takes_a_kid_that_starts_with_a_dash(
         private_key_enc=encrypt_private_key(settings.kek, kid, private),
         generation=1000,
     )
-    engine = create_engine(settings.database_url)
-    try:
-        async with engine.begin() as conn:
-            await insert_key(conn, record)
-    finally:
-        await engine.dispose()
+    await insert_key(settings.database_url, record)
     result = await cli("keys", "revoke", kid)
     assert result.code == 0, result
     assert by_kid(await key_rows(settings.database_url))[kid].revoked_at == clock.now
@@ -167,8 +147,7 @@ async def test_import_publishes_the_operators_key_under_its_thumbprint(
     assert (b"BEGIN RSA PRIVATE KEY" in data) == (fmt == "pkcs1")
     path = tmp_path / "signing.pem"
     path.write_bytes(data)
-    numbers = private.public_key().public_numbers()
-    expected_kid = rfc7638_thumbprint(numbers.n, numbers.e)
+    expected_kid = kid_of(private)
 
     before = await key_rows(settings.database_url)
     result = await cli("keys", "import", str(path), *(["--now"] if now else []))
@@ -308,7 +287,7 @@ async def test_import_refuses_a_key_larger_than_verifiers_accept(
 
     A key over the real maximum (16384 bits) takes minutes to generate: the limit is lowered instead, and the
     test below pins that the issuer's limit is the verifier's."""
-    monkeypatch.setattr(keys, "MAX_RSA_BITS", 2048)
+    monkeypatch.setattr(importing, "MAX_RSA_BITS", 2048)
     path = _key_file(rsa.generate_private_key(public_exponent=65537, key_size=3072))(tmp_path)
     before = await key_rows(settings.database_url)
     assert_refused(await cli("keys", "import", str(path), "--now"), "3072", "at most 2048")
@@ -316,7 +295,9 @@ async def test_import_refuses_a_key_larger_than_verifiers_accept(
 
 
 def test_the_issuers_key_size_limits_are_the_verifiers() -> None:
-    assert (keys.MIN_RSA_BITS, keys.MAX_RSA_BITS) == (jwks.MIN_RSA_BITS, jwks.MAX_RSA_BITS) == (2048, 16384)
+    importer = (importing.MIN_RSA_BITS, importing.MAX_RSA_BITS)
+    generator = (material.MIN_RSA_BITS, material.MAX_RSA_BITS)
+    assert importer == generator == (jwks.MIN_RSA_BITS, jwks.MAX_RSA_BITS) == (2048, 16384)
     with pytest.raises(ValueError, match="2048 to 16384"):
         new_key_record(
             Secret(secrets.token_bytes(32)),
@@ -452,12 +433,8 @@ async def test_a_wrong_kek_is_refused_even_when_every_key_is_gone(
 ) -> None:
     """With no key left to sign, a wrong KEK must not quietly create a new key under itself."""
     # Every key revoked (as after a KEK compromise clean-up): nothing is left for the KEK check to decrypt.
-    engine = create_engine(settings.database_url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(update(signing_keys).values(revoked_at=clock.now))
-    finally:
-        await engine.dispose()
+    async with issuer.engine.begin() as conn:
+        await conn.execute(update(signing_keys).values(revoked_at=clock.now))
     before = await key_rows(settings.database_url)
     cli.set_kek(secrets.token_bytes(32))
     assert_refused(await cli("keys", "rotate", "--now"), "ISSUER_KEK")

@@ -1,70 +1,52 @@
-"""The attack list against the shipped verifier itself: ``AccessTokenVerifier`` with its JWKS cache, and the
-Starlette middleware in front of it. No issuer: the keys are local and the JWKS is served by a fake.
-
-Every attack changes one thing in an otherwise valid token; ``test_the_baseline_is_accepted`` shows the
-unchanged token passes, so each refusal is caused by that one change.
+"""The forged-token catalogue: every way the tests attack a token, each changing one thing in an otherwise valid
+one, with the refusal the verifier must give. test_verify.py sends each to ``AccessTokenVerifier``,
+test_starlette.py to a resource service behind ``bearer_middleware``.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from issuer.verifier import (
-    AccessTokenVerifier,
     BadSignature,
     ExpiredToken,
     InvalidClaims,
     MalformedToken,
     NotYetValid,
-    TokenError,
     UnknownKey,
     UnsupportedAlgorithm,
     WrongAudience,
     WrongIssuer,
     WrongType,
 )
-from issuer.verifier.starlette import bearer_middleware, requires_token
+from tests.support.clock import FakeClock
+from tests.support.jwt import b64url, b64url_decode, b64url_json, kid_of
 from tests.support.verifier import (
-    AUDIENCE,
     DELETE,
     ISSUER,
-    JWKS_URI,
-    FakeIssuer,
-    SimClock,
-    b64url,
-    b64url_json,
+    LEEWAY,
     changed,
     claims_for,
     header_for,
-    kid_of,
     private_key,
     public_jwk,
     sign,
-    verifier_for,
 )
-
-LEEWAY = 5
 
 
 @dataclass
 class Forge:
-    clock: SimClock
+    clock: FakeClock
     key: rsa.RSAPrivateKey
     attacker: rsa.RSAPrivateKey
     claims: dict[str, Any]
@@ -255,147 +237,13 @@ IN_A_HEADER = [p for p in ATTACKS if p.id not in {"empty", "nul-inside", "traili
 
 def _flip_last_signature_byte(token: str) -> str:
     head, signature = token.rsplit(".", 1)
-    raw = bytearray(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)))
+    raw = bytearray(b64url_decode(signature))
     raw[-1] ^= 1
     return f"{head}.{b64url(bytes(raw))}"
 
 
-@pytest.fixture
-def clock() -> SimClock:
-    return SimClock()
-
-
-@pytest.fixture
-def forge(clock: SimClock) -> Forge:
+def forge_for(clock: FakeClock) -> Forge:
+    """A valid token signed by key 0 (the one the fake issuer publishes), and key 1 as the attacker's own."""
     key = private_key(0)
     claims = claims_for(clock)
     return Forge(clock, key, private_key(1), claims, sign(header_for(key), claims, key))
-
-
-@pytest.fixture
-def fake() -> FakeIssuer:
-    return FakeIssuer()
-
-
-@pytest.fixture
-async def verifier(fake: FakeIssuer, clock: SimClock) -> AsyncIterator[AccessTokenVerifier]:
-    async with fake.client() as http:
-        yield verifier_for(http, clock, leeway=LEEWAY)
-
-
-@requires_token
-async def whoami(request: Request) -> JSONResponse:
-    return JSONResponse({"sub": request.user.identity})
-
-
-@pytest.fixture
-async def resource(verifier: AccessTokenVerifier) -> AsyncIterator[httpx.AsyncClient]:
-    app = Starlette(routes=[Route("/whoami", whoami)], middleware=[bearer_middleware(verifier)])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://resource.test") as client:
-        yield client
-
-
-async def test_the_baseline_is_accepted(forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer) -> None:
-    for token in (forge.token, forge.sign()):
-        access = await verifier.verify(token)
-        assert access.sub == "user-1"
-        assert access.role == "user"
-        assert access.claims == forge.claims
-    # Accepted variants, so the refusals above are about the change and not about the spelling:
-    assert await verifier.verify(forge.sign(forge.header(typ="application/at+jwt")))
-    assert await verifier.verify(forge.sign(forge.header(typ="AT+JWT")))
-    assert await verifier.verify(forge.sign(payload=forge.payload(aud=["other", AUDIENCE])))
-    assert await verifier.verify(forge.sign(payload=forge.payload(exp=forge.now - LEEWAY + 1)))
-    assert await verifier.verify(forge.sign(payload=forge.payload(nbf=forge.now + LEEWAY)))
-    assert [str(r.url) for r in fake.requests] == [JWKS_URI]
-
-
-@pytest.mark.parametrize(("attack", "expected"), ATTACKS)
-async def test_attack_is_refused_by_the_verifier(
-    forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer, attack: Attack, expected: type[TokenError]
-) -> None:
-    await verifier.verify(forge.token)  # warm: the refusal is not a cold-cache artefact
-    token = attack(forge)
-    assert token != forge.token
-    with pytest.raises(expected) as refused:
-        await verifier.verify(token)
-    assert type(refused.value) is expected
-    assert refused.value.reason == expected.reason
-    # Nothing the token says makes the verifier fetch anything but the configured JWKS (jku, x5u, kid paths).
-    assert {str(r.url) for r in fake.requests} == {JWKS_URI}
-
-
-@pytest.mark.parametrize(("attack", "expected"), IN_A_HEADER)
-async def test_attack_is_a_401_at_the_resource_service(
-    forge: Forge, verifier: AccessTokenVerifier, resource: httpx.AsyncClient, attack: Attack, expected: type[TokenError]
-) -> None:
-    token = attack(forge)
-    response = await resource.get("/whoami", headers={"Authorization": f"Bearer {token}".encode()})
-    assert response.status_code == 401, response.text
-    with pytest.raises(expected) as refused:
-        await verifier.verify(token)
-    assert response.json() == {"error": "invalid_token", "error_description": refused.value.detail}
-    challenge = response.headers["www-authenticate"]
-    assert challenge.startswith('Bearer error="invalid_token", error_description="')
-    assert token not in challenge
-
-
-ALGORITHM_AND_HEADER_ATTACKS = [
-    p for p in ATTACKS if p.values[1] in (UnsupportedAlgorithm, WrongType, MalformedToken) and "payload" not in p.id
-]
-
-
-@pytest.mark.parametrize(("attack", "expected"), ALGORITHM_AND_HEADER_ATTACKS)
-async def test_header_attacks_are_refused_before_any_key_is_fetched(
-    forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer, attack: Attack, expected: type[TokenError]
-) -> None:
-    """On a cold cache, a bad alg, typ or header costs no JWKS request: no key is touched before the allow-list."""
-    with pytest.raises(expected):
-        await verifier.verify(attack(forge))
-    assert fake.requests == []
-    assert verifier.jwks.kids == frozenset()
-
-
-async def test_a_valid_token_on_a_cold_cache_does_fetch(
-    forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer
-) -> None:
-    """Control for the test above: the cold cache there was not simply unable to fetch."""
-    assert (await verifier.verify(forge.token)).sub == "user-1"
-    assert len(fake.requests) == 1
-
-
-async def test_unknown_kid_is_refused_even_after_the_cooldown_refetch(
-    forge: Forge, verifier: AccessTokenVerifier, fake: FakeIssuer, clock: SimClock
-) -> None:
-    await verifier.verify(forge.token)
-    clock.advance(60)
-    with pytest.raises(UnknownKey):
-        await verifier.verify(forge.sign(forge.header(kid="never-published")))
-    assert verifier.jwks.stats.unknown_kid_refetches == 1
-    assert len(fake.requests) == 2
-
-
-def test_required_claims_cannot_drop_the_essentials(verifier: AccessTokenVerifier) -> None:
-    for essential in ("iss", "aud", "sub", "exp"):
-        with pytest.raises(ValueError, match=essential):
-            AccessTokenVerifier(
-                issuer=ISSUER,
-                audience=AUDIENCE,
-                jwks=verifier.jwks,
-                required_claims=[c for c in ("iss", "aud", "sub", "exp", "iat") if c != essential],
-            )
-
-
-async def test_extra_required_claims_are_enforced(forge: Forge, verifier: AccessTokenVerifier) -> None:
-    strict = AccessTokenVerifier(
-        issuer=ISSUER,
-        audience=AUDIENCE,
-        jwks=verifier.jwks,
-        clock=forge.clock.wall,
-        required_claims=("iss", "aud", "sub", "exp", "iat", "jti", "sid", "tokenVersion"),
-    )
-    assert (await strict.verify(forge.token)).token_version == 0
-    with pytest.raises(InvalidClaims, match="sid"):
-        await strict.verify(forge.sign(payload=forge.payload(sid=DELETE)))
-    # Control: the default verifier does not require sid.
-    assert (await verifier.verify(forge.sign(payload=forge.payload(sid=DELETE)))).sid is None

@@ -10,7 +10,7 @@ import asyncio
 import gc
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -18,36 +18,19 @@ import pytest
 from joserfc.jwk import ECKey, OctKey
 
 from issuer.verifier import JWKSCache, KeysUnavailable, TokenError, UnknownKey
+from tests.support.clock import FakeClock
+from tests.support.jwt import b64url_json, kid_of
 from tests.support.verifier import (
     ISSUER,
     JWKS_URI,
     FakeIssuer,
-    SimClock,
-    b64url_json,
     header_for,
-    kid_of,
     mint,
     private_jwk,
     private_key,
     public_jwk,
     verifier_for,
 )
-
-
-@pytest.fixture
-def clock() -> SimClock:  # shadows the issuer's FakeClock: these tests need no issuer
-    return SimClock()
-
-
-@pytest.fixture
-def fake() -> FakeIssuer:
-    return FakeIssuer()
-
-
-@pytest.fixture
-async def http(fake: FakeIssuer) -> AsyncIterator[httpx.AsyncClient]:
-    async with fake.client() as client:
-        yield client
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +62,7 @@ def with_kid(token: str, kid: str) -> str:
 
 
 async def test_a_fresh_set_is_served_without_fetching(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     verifier = verifier_for(http, clock)
     for _ in range(3):
@@ -117,7 +100,7 @@ async def test_a_fresh_set_is_served_without_fetching(
 async def test_cache_control_sets_the_lifetime_within_bounds(
     fake: FakeIssuer,
     http: httpx.AsyncClient,
-    clock: SimClock,
+    clock: FakeClock,
     cache_control: str | None,
     age: str | None,
     lifetime: int,
@@ -146,12 +129,12 @@ async def test_cache_control_sets_the_lifetime_within_bounds(
     await http.aclose()
 
 
-def cache_for(http: httpx.AsyncClient, clock: SimClock, **options: Any) -> JWKSCache:
+def cache_for(http: httpx.AsyncClient, clock: FakeClock, **options: Any) -> JWKSCache:
     return JWKSCache(jwks_uri=JWKS_URI, http_client=http, monotonic=clock.monotonic, **options)
 
 
 async def test_a_short_max_age_is_honoured_across_a_rotation(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     """JWKS_MAX_AGE=10, KEY_PUBLISH_LEAD=20, KEY_RELOAD_INTERVAL=10: the issuer serves max-age=9 (its
     ``jwks_max_age``), and a key published just after our fetch signs 20 s later. Keeping the set longer than
@@ -171,7 +154,7 @@ async def test_a_short_max_age_is_honoured_across_a_rotation(
 
 
 async def test_freshness_is_counted_from_the_request_not_the_answer(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     """A slow answer is that much older (RFC 9111 4.2.3): its max-age must not stretch past the issuer's window."""
     fake.cache_control = "public, max-age=9"
@@ -197,7 +180,7 @@ async def test_freshness_is_counted_from_the_request_not_the_answer(
 @pytest.mark.parametrize("cache_control", ["max-age=0", "no-cache", "no-store", "public, max-age=300, no-cache"])
 @pytest.mark.parametrize("min_ttl", [None, 5.0], ids=["default-floor", "floor-5s"])
 async def test_max_age_zero_or_no_cache_cost_at_most_one_fetch_per_min_ttl(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock, cache_control: str, min_ttl: float | None
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock, cache_control: str, min_ttl: float | None
 ) -> None:
     fake.cache_control = cache_control
     cache = cache_for(http, clock) if min_ttl is None else cache_for(http, clock, min_ttl=min_ttl)
@@ -218,7 +201,7 @@ async def test_max_age_zero_or_no_cache_cost_at_most_one_fetch_per_min_ttl(
 
 
 async def test_etag_revalidation_keeps_the_keys_and_extends_freshness(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     verifier = verifier_for(http, clock)
     await verifier.verify(mint(clock))
@@ -245,7 +228,7 @@ async def test_etag_revalidation_keeps_the_keys_and_extends_freshness(
 
 
 async def test_no_conditional_request_without_an_etag(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     fake.etags = False
     verifier = verifier_for(http, clock)
@@ -324,7 +307,7 @@ GARBAGE = [
 
 @pytest.mark.parametrize("answer", GARBAGE)
 async def test_a_bad_answer_keeps_the_cached_keys_and_backs_off(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock, answer: Any
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock, answer: Any
 ) -> None:
     verifier = verifier_for(http, clock)
     await verifier.verify(mint(clock))
@@ -355,7 +338,7 @@ async def test_a_bad_answer_keeps_the_cached_keys_and_backs_off(
     assert len(fake.jwks_requests) == 3
 
 
-async def test_a_good_answer_replaces_the_set(fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock) -> None:
+async def test_a_good_answer_replaces_the_set(fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock) -> None:
     """Control for the test above: the same path with a valid answer does change the keys."""
     verifier = verifier_for(http, clock)
     await verifier.verify(mint(clock))
@@ -368,7 +351,7 @@ async def test_a_good_answer_replaces_the_set(fake: FakeIssuer, http: httpx.Asyn
 
 
 async def test_unusable_entries_are_skipped_not_fatal(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     good = public_jwk(private_key(0))
     fake.keys = [
@@ -388,7 +371,7 @@ async def test_unusable_entries_are_skipped_not_fatal(
         await verifier.verify(mint(clock, private_key(1)))
 
 
-async def test_only_public_members_are_imported(fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock) -> None:
+async def test_only_public_members_are_imported(fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock) -> None:
     verifier = verifier_for(http, clock)
     await verifier.verify(mint(clock))
     key = verifier.jwks.peek(kid_of(private_key(0)))
@@ -398,7 +381,7 @@ async def test_only_public_members_are_imported(fake: FakeIssuer, http: httpx.As
 
 
 async def test_a_hanging_issuer_times_out_and_keeps_the_keys(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     async def hang(request: httpx.Request) -> httpx.Response:
         await asyncio.Event().wait()
@@ -413,7 +396,9 @@ async def test_a_hanging_issuer_times_out_and_keeps_the_keys(
     assert verifier.jwks.stats.failures == 1
 
 
-async def test_a_declared_oversize_body_is_not_read(fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock) -> None:
+async def test_a_declared_oversize_body_is_not_read(
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
     verifier = verifier_for(http, clock, max_response_bytes=4096)
     fake.keys = [public_jwk(private_key(0)), *[public_jwk(private_key(1), kid=f"k{i}") for i in range(20)]]
     with pytest.raises(KeysUnavailable):
@@ -426,7 +411,7 @@ async def test_a_declared_oversize_body_is_not_read(fake: FakeIssuer, http: http
 
 @pytest.mark.parametrize("discover", [False, True], ids=["jwks_uri", "discovery"])
 async def test_concurrent_verifications_on_a_cold_cache_share_one_fetch(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock, discover: bool
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock, discover: bool
 ) -> None:
     fake.gate = asyncio.Event()
     verifier = verifier_for(http, clock, discover=discover)
@@ -443,7 +428,7 @@ async def test_concurrent_verifications_on_a_cold_cache_share_one_fetch(
 
 
 async def test_concurrent_revalidation_and_concurrent_failure_are_one_request_each(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     verifier = verifier_for(http, clock)
     await verifier.verify(mint(clock))
@@ -460,7 +445,7 @@ async def test_concurrent_revalidation_and_concurrent_failure_are_one_request_ea
 
 
 async def test_a_cancelled_caller_does_not_cancel_the_shared_fetch(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     fake.gate = asyncio.Event()
     verifier = verifier_for(http, clock)
@@ -488,7 +473,7 @@ async def flood(verifier: Any, token: str, count: int = 1000) -> None:
 
 
 async def test_a_flood_of_forged_kids_costs_one_refetch_per_cooldown(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     verifier = verifier_for(http, clock)
     token = mint(clock)
@@ -517,7 +502,7 @@ async def test_a_flood_of_forged_kids_costs_one_refetch_per_cooldown(
 
 
 async def test_an_unknown_kid_refetch_finds_a_real_new_key(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     """Control: the refetch the flood is denied is a real one (a key published without notice is found)."""
     verifier = verifier_for(http, clock)
@@ -534,7 +519,7 @@ async def test_an_unknown_kid_refetch_finds_a_real_new_key(
 
 
 async def test_issuer_down_cached_keys_work_until_the_stale_limit_then_fail_closed(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     verifier = verifier_for(http, clock, stale_limit=3600, failure_backoff=10)
     await verifier.verify(mint(clock))
@@ -564,7 +549,7 @@ async def test_issuer_down_cached_keys_work_until_the_stale_limit_then_fail_clos
 
 
 async def test_stale_limit_zero_fails_closed_at_once(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     """Control: the stale allowance is what kept the test above passing."""
     verifier = verifier_for(http, clock, stale_limit=0)
@@ -575,7 +560,7 @@ async def test_stale_limit_zero_fails_closed_at_once(
         await verifier.verify(mint(clock))
 
 
-async def test_cold_cache_with_the_issuer_down(fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock) -> None:
+async def test_cold_cache_with_the_issuer_down(fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock) -> None:
     fake.failure = _raise(httpx.ConnectError)
     verifier = verifier_for(http, clock)
     with pytest.raises(KeysUnavailable, match="No signing keys"):
@@ -586,7 +571,7 @@ async def test_cold_cache_with_the_issuer_down(fake: FakeIssuer, http: httpx.Asy
 
 
 async def test_a_304_without_a_cached_set_is_a_failure(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     fake.failure = _status(304)
     verifier = verifier_for(http, clock)
@@ -599,7 +584,7 @@ async def test_a_304_without_a_cached_set_is_a_failure(
 
 
 async def test_a_hanging_issuer_does_not_hold_up_known_kids_on_a_stale_set(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     """An issuer that accepts the connection and never answers: requests whose key we hold must not wait."""
     verifier = verifier_for(http, clock, fetch_timeout=0.2)
@@ -621,7 +606,7 @@ async def test_a_hanging_issuer_does_not_hold_up_known_kids_on_a_stale_set(
 
 
 async def test_a_fresh_set_never_waits_for_a_fetch_in_flight(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     cache = cache_for(http, clock, fetch_timeout=0.2)
     known = kid_of(private_key(0))
@@ -643,7 +628,7 @@ async def test_a_fresh_set_never_waits_for_a_fetch_in_flight(
 
 
 async def test_a_background_revalidation_installs_the_new_set(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     cache = cache_for(http, clock)
     old, new = kid_of(private_key(0)), kid_of(private_key(1))
@@ -662,7 +647,7 @@ async def test_a_background_revalidation_installs_the_new_set(
 
 
 async def test_a_revoked_kid_is_refused_once_the_background_revalidation_completes(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     verifier = verifier_for(http, clock)
     await verifier.verify(mint(clock))
@@ -679,7 +664,7 @@ async def test_a_revoked_kid_is_refused_once_the_background_revalidation_complet
 
 
 async def test_an_unknown_kid_on_a_stale_set_waits_for_the_refetch(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     cache = cache_for(http, clock, fetch_timeout=2)
     old, new = kid_of(private_key(0)), kid_of(private_key(1))
@@ -701,7 +686,7 @@ async def test_an_unknown_kid_on_a_stale_set_waits_for_the_refetch(
 
 
 async def test_past_the_stale_limit_a_hanging_issuer_fails_closed(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     verifier = verifier_for(http, clock, stale_limit=60, fetch_timeout=0.2)
     await verifier.verify(mint(clock))
@@ -720,7 +705,7 @@ async def test_past_the_stale_limit_a_hanging_issuer_fails_closed(
 # ---------------------------------------------------------------- discovery
 
 
-async def test_discovery_reads_the_metadata_once(fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock) -> None:
+async def test_discovery_reads_the_metadata_once(fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock) -> None:
     fake.jwks_uri = "https://keys.issuer.test/jwks"
     verifier = verifier_for(http, clock, discover=True)
     await verifier.verify(mint(clock))
@@ -742,7 +727,7 @@ async def test_discovery_reads_the_metadata_once(fake: FakeIssuer, http: httpx.A
     ],
 )
 async def test_discovery_refuses_inconsistent_metadata(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock, metadata_issuer: str, jwks_uri: str, complaint: str
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock, metadata_issuer: str, jwks_uri: str, complaint: str
 ) -> None:
     fake.issuer = metadata_issuer
     fake.jwks_uri = jwks_uri
@@ -753,7 +738,7 @@ async def test_discovery_refuses_inconsistent_metadata(
     assert complaint in (verifier.jwks.stats.last_error or "")
 
 
-async def test_an_http_issuer_may_have_an_http_jwks_uri(clock: SimClock) -> None:
+async def test_an_http_issuer_may_have_an_http_jwks_uri(clock: FakeClock) -> None:
     """Control for the https rule: a plain-http issuer (development) is consistent with an http jwks_uri."""
     issuer = "http://127.0.0.1:8000"
 
@@ -788,7 +773,7 @@ def test_bad_cache_options_are_refused(options: dict[str, Any]) -> None:
 
 
 async def test_warm_path_needs_no_await_into_the_cache(
-    fake: FakeIssuer, http: httpx.AsyncClient, clock: SimClock, monkeypatch: pytest.MonkeyPatch
+    fake: FakeIssuer, http: httpx.AsyncClient, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     verifier = verifier_for(http, clock)
     await verifier.verify(mint(clock))
@@ -804,7 +789,7 @@ async def test_warm_path_needs_no_await_into_the_cache(
         await verifier.verify(mint(clock))
 
 
-async def test_aclose_closes_only_a_client_the_cache_created(http: httpx.AsyncClient, clock: SimClock) -> None:
+async def test_aclose_closes_only_a_client_the_cache_created(http: httpx.AsyncClient, clock: FakeClock) -> None:
     shared = JWKSCache(jwks_uri=JWKS_URI, http_client=http, monotonic=clock.monotonic)
     assert await shared.refresh()
     await shared.aclose()
