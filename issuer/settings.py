@@ -54,8 +54,9 @@ class Argon2Params:
 class Settings:
     issuer_url: str = "http://127.0.0.1:8000"
     audience: str = "api"
-    # Required in the environment (no default: `make run` starts an embedded PostgreSQL and sets it).
-    database_url: str = ""
+    # Required in the environment (no default: `make run` starts an embedded PostgreSQL and sets it). Not in
+    # the repr: it may hold a password.
+    database_url: str = field(default="", repr=False)
     access_token_ttl: int = 900
     refresh_token_ttl: int = 604800
     session_max_age: int = 2592000
@@ -265,7 +266,9 @@ def _database_url(env: Mapping[str, str]) -> str:
             "DATABASE_URL: not set; give the PostgreSQL URL (postgresql://user@host:5432/dbname); "
             "`make run` starts an embedded PostgreSQL when it is unset"
         )
-    scheme = urlsplit(value).scheme
+    scheme, separator, _ = value.partition("://")
+    if not separator:
+        raise ConfigError("DATABASE_URL: not a URL (postgresql://user@host/dbname)")
     if scheme not in DATABASE_SCHEMES:
         # Only the scheme is echoed: the rest may hold a password.
         raise ConfigError(f"DATABASE_URL: scheme {scheme!r} is not PostgreSQL's (postgresql://user@host/dbname)")
