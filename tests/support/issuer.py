@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +16,7 @@ from issuer.http.app import create_app
 from issuer.services import Services
 from issuer.settings import Settings
 from issuer.storage.database import asyncpg_dsn
+from tests.support.clock import FakeClock
 
 ISSUER_URL = "https://issuer.test"
 CLIENT_IP = "203.0.113.7"
@@ -26,7 +27,7 @@ class IssuerHarness:
     uvicorn hands it), ``starlette`` the application object, ``engine`` a separate SQLAlchemy engine on the
     same database for the tests' own checks of the tables."""
 
-    def __init__(self, starlette: Starlette, state: Mapping[str, Any], clock: Callable[[], Any]) -> None:
+    def __init__(self, starlette: Starlette, state: Mapping[str, Any], clock: FakeClock) -> None:
         self.starlette = starlette
         self.state = state
         self.clock = clock
@@ -59,7 +60,7 @@ class IssuerHarness:
 
 
 @contextlib.asynccontextmanager
-async def running_issuer(settings: Settings, clock: Callable[[], Any], **options: Any) -> AsyncIterator[IssuerHarness]:
+async def running_issuer(settings: Settings, clock: FakeClock, **options: Any) -> AsyncIterator[IssuerHarness]:
     """``create_app(settings, clock=clock, **options)`` with its lifespan (pool, keys, background tasks)
     running for the block."""
     starlette = create_app(settings, clock=clock, **options)

@@ -1,4 +1,4 @@
-"""Concurrent refreshes with one token, over HTTP, racing for real in PostgreSQL (contract section 4).
+"""Concurrent refreshes with one token, over HTTP and at the service, racing for real in PostgreSQL (section 4).
 
 The app runs on its own asyncpg pool; ``asyncio.gather`` of 50 ``client.post`` calls interleaves the
 requests at every await, so the conditional UPDATE that consumes the token is contended in the database.
@@ -14,27 +14,30 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from issuer.settings import Settings
+from issuer.errors import InvalidGrant, RefreshTokenReused
+from issuer.sessions.families import Rotation
 from issuer.storage import sessions as session_store
-from tests.support.clock import FakeClock
+from tests.sessions.conftest import GRACE, MakeIssuer, db_error_count, reuse_count
 from tests.support.families import (
     assert_single_chain,
     family_of,
     family_row,
-    jwt_claims,
     live_tokens,
+    rotate_ok,
+    start_session,
     token_row,
 )
 from tests.support.http import assert_error, login, refresh_body, register
-from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.issuer import IssuerHarness
+from tests.support.jwt import jwt_claims
 
 RACERS = 50
 
 
 @pytest.fixture
-async def strict_issuer(settings: Settings, clock: FakeClock) -> AsyncIterator[IssuerHarness]:
+async def strict_issuer(make_issuer: MakeIssuer) -> AsyncIterator[IssuerHarness]:
     """REFRESH_REUSE_GRACE=0: every repeat is theft."""
-    async with running_issuer(with_settings(settings, refresh_reuse_grace=0), clock) as harness:
+    async with make_issuer(refresh_reuse_grace=0) as harness:
         yield harness
 
 
@@ -126,16 +129,14 @@ async def test_strict_race_has_exactly_one_winner_then_revokes(
         assert (await family_row(engine, await family_of(engine, bystander))).revoked_at is None
         assert (await refresh_body(client, bystander)).status_code == 200
         await assert_single_chain(engine, clock())
-        assert strict_issuer.services.metrics.db_errors._value.get() == 0
+        assert db_error_count(strict_issuer) == 0
 
 
 async def test_grace_race_returns_one_successor_to_everyone(issuer: IssuerHarness, contention: Contention) -> None:
-    assert issuer.services.settings.refresh_reuse_grace == 10
-    engine = issuer.engine
-    clock = issuer.clock
+    assert issuer.services.settings.refresh_reuse_grace == GRACE
+    engine, clock = issuer.engine, issuer.clock
     async with issuer.client() as client:
-        await register(client)
-        token = (await login(client))["refresh_token"]
+        token = (await start_session(client))["refresh_token"]
         family_id = await family_of(engine, token)
 
         responses = await race(client, token, contention)
@@ -175,16 +176,14 @@ async def test_grace_race_returns_one_successor_to_everyone(issuer: IssuerHarnes
         assert_error(await refresh_body(client, newest_token), 401, "invalid_grant")
         assert_error(await refresh_body(client, successor), 401, "invalid_grant")
         await assert_single_chain(engine, clock())
-        assert issuer.services.metrics.reuse_detections._value.get() == 1
+        assert reuse_count(issuer) == 1
 
 
 async def test_grace_race_on_the_successor_after_a_replay_race(issuer: IssuerHarness, contention: Contention) -> None:
     """Two consecutive races: the replayed successor is itself raced; still one chain, one live token."""
-    engine = issuer.engine
-    clock = issuer.clock
+    engine, clock = issuer.engine, issuer.clock
     async with issuer.client() as client:
-        await register(client)
-        token = (await login(client))["refresh_token"]
+        token = (await start_session(client))["refresh_token"]
         family_id = await family_of(engine, token)
         first = {r.json()["refresh_token"] for r in await race(client, token, contention)}
         assert len(first) == 1
@@ -216,7 +215,7 @@ async def test_strict_race_across_many_families_at_once(strict_issuer: IssuerHar
             family = await family_row(engine, await family_of(engine, token))
             assert family.revoked_reason == "reuse"
         await assert_single_chain(engine, strict_issuer.clock())
-        assert strict_issuer.services.metrics.db_errors._value.get() == 0
+        assert db_error_count(strict_issuer) == 0
 
 
 async def test_replays_racing_the_next_rotation_keep_one_chain(issuer: IssuerHarness, contention: Contention) -> None:
@@ -229,10 +228,9 @@ async def test_replays_racing_the_next_rotation_keep_one_chain(issuer: IssuerHar
     engine, clock = issuer.engine, issuer.clock
     families_service = issuer.services.families
     async with issuer.client() as client:
-        await register(client)
-        old = (await login(client))["refresh_token"]
+        old = (await start_session(client))["refresh_token"]
         family_id = await family_of(engine, old)
-        current = (await refresh_body(client, old)).json()["refresh_token"]
+        current = (await rotate_ok(client, old))["refresh_token"]
         newest = families_service.successor_of(current)
         clock.advance(1)
 
@@ -251,4 +249,35 @@ async def test_replays_racing_the_next_rotation_keep_one_chain(issuer: IssuerHar
         else:
             assert family.revoked_reason == "reuse"
             assert_error(await refresh_body(client, newest), 401, "invalid_grant")
+        await assert_single_chain(engine, clock())
+
+
+@pytest.mark.parametrize("grace", [0, GRACE])
+async def test_concurrent_rotations_at_service_level(
+    make_issuer: MakeIssuer, contention: Contention, grace: int
+) -> None:
+    """The same race without HTTP in between: twelve ``RefreshFamilies.rotate`` calls with one token."""
+    async with make_issuer(refresh_reuse_grace=grace) as harness, harness.client() as client:
+        engine, clock = harness.engine, harness.clock
+        token = (await start_session(client))["refresh_token"]
+        family_id = await family_of(engine, token)
+        service = harness.services.families
+
+        results = await asyncio.gather(*(service.rotate(token, now=clock()) for _ in range(12)), return_exceptions=True)
+        assert contention.peak > 1, "the rotations did not overlap in the database: not a race"
+
+        wins = [r for r in results if isinstance(r, Rotation)]
+        losses = [r for r in results if not isinstance(r, Rotation)]
+        assert all(isinstance(r, InvalidGrant) for r in losses), losses
+        if grace == 0:
+            assert len(wins) == 1
+            # The first loser detects the reuse; later ones may already find the family revoked.
+            assert any(isinstance(r, RefreshTokenReused) for r in losses)
+            assert (await family_row(engine, family_id)).revoked_reason == "reuse"
+        else:
+            assert len(wins) == 12
+            assert len({w.refresh.token for w in wins}) == 1
+            assert sum(not w.replayed for w in wins) == 1
+            assert (await family_row(engine, family_id)).revoked_at is None
+            assert await live_tokens(engine, family_id, clock()) == 1
         await assert_single_chain(engine, clock())
