@@ -87,7 +87,7 @@ def settings(pg_url: str) -> Settings:
         # OWASP's minimum is the default; tests keep the same algorithm with a cheaper cost.
         argon2=Argon2Params(memory_cost_kib=1024, time_cost=1, parallelism=1),
         # Throttling is off by default so tests can log in and refresh freely from one address;
-        # tests/test_throttling.py turns it on and attacks it.
+        # tests/accounts/test_lockout.py and tests/http/test_throttle.py turn it on and attack it.
         rate_limit_per_ip=0,
         login_lockout_threshold=0,
         cleanup_interval=0,

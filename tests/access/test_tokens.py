@@ -1,53 +1,30 @@
-"""Access tokens as a resource service sees them: header, claims, and verification by an independent library."""
+"""Minting: access tokens as a resource service sees them (header, claims, kid), verified by PyJWT alone."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import functools
 import json
+import secrets
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from issuer.settings import Settings
+from issuer.access.tokens import mint_access_token
+from issuer.keys.material import new_key_record
+from issuer.keys.ring import KeyRing
+from issuer.settings import Secret, Settings
 from tests.support.clock import FakeClock
 from tests.support.http import bearer, login, refresh_body, register
 from tests.support.issuer import ISSUER_URL, IssuerHarness, running_issuer, with_settings
+from tests.support.jwt import b64url, b64url_decode, jwt_claims, kid_of, rfc7638_thumbprint, segments, token_kid
+from tests.support.keys import fetch_jwks
 
 PUBLIC_MEMBERS = {"kty", "kid", "use", "alg", "n", "e"}
-
-
-def b64url_decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-
-
-def b64url_encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def segments(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Header and payload of a compact JWS, decoded by hand (no JOSE library involved)."""
-    header, payload, signature = token.split(".")
-    assert signature
-    return json.loads(b64url_decode(header)), json.loads(b64url_decode(payload))
-
-
-def rfc7638_thumbprint(jwk: dict[str, str]) -> str:
-    """RFC 7638 section 3: the required RSA members in lexicographic order, no whitespace, SHA-256, base64url."""
-    for member in ("e", "kty", "n"):
-        assert isinstance(jwk[member], str)
-        assert '"' not in jwk[member]
-        assert "\\" not in jwk[member]
-    canonical = '{"e":"' + jwk["e"] + '","kty":"' + jwk["kty"] + '","n":"' + jwk["n"] + '"}'
-    return b64url_encode(hashlib.sha256(canonical.encode("utf-8")).digest())
-
-
-async def fetch_jwks(client: httpx.AsyncClient) -> dict[str, Any]:
-    response = await client.get("/.well-known/jwks.json")
-    assert response.status_code == 200, response.text
-    return response.json()
+CLAIMS = {"iss", "aud", "sub", "iat", "exp", "jti", "sid", "tokenVersion", "email", "role"}
 
 
 def pyjwt_verify(token: str, jwks: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -56,9 +33,7 @@ def pyjwt_verify(token: str, jwks: dict[str, Any], settings: Settings) -> dict[s
     PyJWT reads the wall clock, the tests run on a FakeClock: PyJWT checks signature, alg, typ, iss, aud and
     the presence of the time claims; their values are checked against the FakeClock by the caller.
     """
-    header = jwt.get_unverified_header(token)
-    key_set = jwt.PyJWKSet.from_dict(jwks)
-    key = key_set[header["kid"]]
+    key = jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(token)["kid"]]
     decoded = jwt.decode_complete(
         token,
         key,
@@ -75,13 +50,15 @@ def pyjwt_verify(token: str, jwks: dict[str, Any], settings: Settings) -> dict[s
     # The verified header, not only the unverified one, says this is an access token.
     assert decoded["header"]["typ"] == "at+jwt"
     assert decoded["header"]["alg"] == "RS256"
-    return decoded["payload"]
+    payload: dict[str, Any] = decoded["payload"]
+    return payload
 
 
 async def sessions(client: httpx.AsyncClient, access_token: str) -> list[dict[str, Any]]:
     response = await client.get("/auth/sessions", headers=bearer(access_token))
     assert response.status_code == 200, response.text
-    return response.json()["sessions"]
+    listed: list[dict[str, Any]] = response.json()["sessions"]
+    return listed
 
 
 async def check_access_token(
@@ -118,7 +95,7 @@ async def check_access_token(
     assert claims["tokenVersion"] == token_version
     assert claims["email"] == user["email"]
     assert claims["role"] == user["role"] == "user"
-    assert set(claims) == {"iss", "aud", "sub", "iat", "exp", "jti", "sid", "tokenVersion", "email", "role"}
+    assert set(claims) == CLAIMS
 
     verified = pyjwt_verify(token, jwks, settings)
     assert verified == claims
@@ -130,8 +107,63 @@ async def check_access_token(
     return claims
 
 
-async def test_login_token_header_and_claims(client: httpx.AsyncClient, issuer: IssuerHarness) -> None:
-    settings, clock = issuer.services.settings, issuer.clock
+def test_mint_access_token_alone() -> None:
+    """The minting function by itself: exactly the contract's header and claims, the kid computed here from the
+    key's own numbers (RFC 7638), the signature checked by PyJWT against the bare public key (no JWKS)."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    kek = Secret(secrets.token_bytes(32))
+    now = datetime(2030, 1, 2, 3, 4, 5, 999_999, tzinfo=UTC)
+    record = new_key_record(kek, now=now, activate_at=now, private_key=private)
+    key = KeyRing.load([record], kek, timedelta(0)).signing_key(now)
+    assert key is not None
+    mint = functools.partial(
+        mint_access_token,
+        key,
+        issuer=ISSUER_URL,
+        audience="api",
+        ttl=600,
+        now=now,
+        user_id="user-1",
+        email="alice@example.com",
+        role="user",
+        token_version=3,
+        session_id="family-1",
+    )
+    token = mint()
+    header, claims = segments(token)
+    assert header == {"alg": "RS256", "typ": "at+jwt", "kid": kid_of(private)}
+    iat = int(datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp())  # whole seconds, rounded down
+    assert claims == {
+        "iss": ISSUER_URL,
+        "aud": "api",
+        "sub": "user-1",
+        "iat": iat,
+        "exp": iat + 600,
+        "jti": claims["jti"],
+        "sid": "family-1",
+        "tokenVersion": 3,
+        "email": "alice@example.com",
+        "role": "user",
+    }
+    assert isinstance(claims["jti"], str)
+    assert len(b64url_decode(claims["jti"])) >= 16  # 128 bits from the CSPRNG
+    verified = jwt.decode_complete(
+        token,
+        private.public_key(),
+        algorithms=["RS256"],
+        audience="api",
+        issuer=ISSUER_URL,
+        options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+    )
+    assert verified["header"] == header
+    assert verified["payload"] == claims
+    assert jwt_claims(mint())["jti"] != claims["jti"]
+
+
+async def test_login_token_header_and_claims(
+    client: httpx.AsyncClient, issuer: IssuerHarness, clock: FakeClock
+) -> None:
+    settings = issuer.services.settings
     user = await register(client)
 
     body = await login(client, transport="body")
@@ -166,9 +198,9 @@ async def test_jti_is_unique_even_within_one_second(client: httpx.AsyncClient, i
         assert response.status_code == 200, response.text
         tokens.append(response.json()["access_token"])
         refresh = response.json()["refresh_token"]
-    jtis = [segments(token)[1]["jti"] for token in tokens]
+    jtis = [jwt_claims(token)["jti"] for token in tokens]
     assert len(set(jtis)) == len(jtis)
-    assert len({segments(token)[1]["iat"] for token in tokens}) == 1
+    assert len({jwt_claims(token)["iat"] for token in tokens}) == 1
 
 
 async def test_exp_follows_configured_ttl(settings: Settings, clock: FakeClock) -> None:
@@ -181,8 +213,10 @@ async def test_exp_follows_configured_ttl(settings: Settings, clock: FakeClock) 
         assert claims["exp"] - claims["iat"] == 123
 
 
-async def test_token_version_claim_follows_logout_all(client: httpx.AsyncClient, issuer: IssuerHarness) -> None:
-    settings, clock = issuer.services.settings, issuer.clock
+async def test_token_version_claim_follows_logout_all(
+    client: httpx.AsyncClient, issuer: IssuerHarness, clock: FakeClock
+) -> None:
+    settings = issuer.services.settings
     user = await register(client)
     first = await login(client)
     response = await client.post("/auth/logout-all", headers=bearer(first["access_token"]))
@@ -191,20 +225,22 @@ async def test_token_version_claim_follows_logout_all(client: httpx.AsyncClient,
     await check_access_token(client, second["access_token"], settings=settings, clock=clock, user=user, token_version=1)
 
 
-async def test_jwks_key_is_the_signing_key_and_large_enough(client: httpx.AsyncClient, issuer: IssuerHarness) -> None:
+async def test_jwks_key_is_the_signing_key_and_large_enough(
+    client: httpx.AsyncClient, issuer: IssuerHarness, clock: FakeClock
+) -> None:
     await register(client)
     token = (await login(client))["access_token"]
     jwks = await fetch_jwks(client)
-    header, _ = segments(token)
-    jwk = next(key for key in jwks["keys"] if key["kid"] == header["kid"])
+    kid = token_kid(token)
+    jwk = next(key for key in jwks["keys"] if key["kid"] == kid)
     assert set(jwk) == PUBLIC_MEMBERS
     modulus = int.from_bytes(b64url_decode(jwk["n"]), "big")
     assert modulus.bit_length() >= 2048
     assert int.from_bytes(b64url_decode(jwk["e"]), "big") == 65537
 
-    signing = issuer.services.keys.signing_key(issuer.clock())
+    signing = issuer.services.keys.signing_key(clock())
     assert signing is not None
-    assert signing.record.kid == header["kid"]
+    assert signing.record.kid == kid
     numbers = signing.signing_key.private_key.private_numbers()  # type: ignore[union-attr]
     assert numbers.public_numbers.n == modulus
 
@@ -214,21 +250,16 @@ async def test_pyjwt_refuses_a_tampered_token(client: httpx.AsyncClient, issuer:
     await register(client)
     token = (await login(client))["access_token"]
     jwks = await fetch_jwks(client)
-    header, payload, signature = token.split(".")
-    claims = json.loads(b64url_decode(payload))
-    claims["role"] = "admin"
-    forged = f"{header}.{b64url_encode(json.dumps(claims).encode())}.{signature}"
+    header, _, signature = token.split(".")
+    claims = jwt_claims(token) | {"role": "admin"}
+    forged = f"{header}.{b64url(json.dumps(claims).encode())}.{signature}"
     with pytest.raises(jwt.InvalidSignatureError):
         pyjwt_verify(forged, jwks, issuer.services.settings)
     with pytest.raises(jwt.InvalidAudienceError):
         jwt.decode(
             token,
-            jwt.PyJWKSet.from_dict(jwks)[header_kid(token)],
+            jwt.PyJWKSet.from_dict(jwks)[token_kid(token)],
             algorithms=["RS256"],
             audience="other",
             options={"verify_exp": False, "verify_iat": False},
         )
-
-
-def header_kid(token: str) -> str:
-    return str(segments(token)[0]["kid"])

@@ -15,15 +15,18 @@ from typing import Any
 
 import httpx
 import pytest
-from issuer.storage.store import User
 
 from issuer.access.bearer import BearerAuth
 from issuer.access.user_lookup import Fetch, UserLookup
 from issuer.settings import Settings
-from issuer.storage import database as hotpath
+from issuer.storage import users
+from issuer.storage.database import Database
+from issuer.storage.users import User
+from tests.support import http
 from tests.support.clock import FakeClock
-from tests.support.http import assert_error, bearer, login, register
+from tests.support.http import assert_invalid_token, bearer, login, register
 from tests.support.issuer import IssuerHarness, running_issuer
+from tests.support.jwt import jwt_claims
 
 GUARD = 10  # seconds; only so that a broken lookup fails instead of hanging, never a timing assertion
 
@@ -89,7 +92,7 @@ async def gather(tasks: list[asyncio.Task[User | None]]) -> list[User | None]:
 
 
 async def me(client: httpx.AsyncClient, token: str) -> httpx.Response:
-    return await asyncio.wait_for(client.get("/auth/me", headers=bearer(token)), GUARD)
+    return await asyncio.wait_for(http.me(client, token), GUARD)
 
 
 # ---------------------------------------------------------------- batching
@@ -274,6 +277,49 @@ async def test_max_batch_parts_are_all_sent_after_they_were_asked() -> None:
 # ---------------------------------------------------------------- through the app, on PostgreSQL
 
 
+async def test_the_issuers_bearer_calls_share_users_by_ids_statements(
+    issuer: IssuerHarness, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app as built (no lookup swapped in): its Bearer reads are ``users.by_ids`` statements, and calls that
+    arrive while one is in flight share the next one, which carries their user's id once."""
+    await register(client)
+    token = (await login(client))["access_token"]
+    user_id = jwt_claims(token)["sub"]
+    statements: list[list[str]] = []
+    first_read, release, all_asked = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_by_ids, real_get = users.by_ids, UserLookup.get
+    calls = 21
+    asked = 0
+
+    async def held_by_ids(db: Any, ids: list[str]) -> dict[str, User]:
+        statements.append(list(ids))
+        rows = await real_by_ids(db, ids)
+        if len(statements) == 1:
+            first_read.set()
+            await release.wait()
+        return rows
+
+    async def counting_get(lookup: UserLookup, wanted: str) -> User | None:
+        nonlocal asked
+        asked += 1
+        if asked == calls:
+            all_asked.set()
+        return await real_get(lookup, wanted)
+
+    monkeypatch.setattr(users, "by_ids", held_by_ids)
+    monkeypatch.setattr(UserLookup, "get", counting_get)
+
+    first = asyncio.create_task(me(client, token))
+    await asyncio.wait_for(first_read.wait(), GUARD)
+    rest = [asyncio.create_task(me(client, token)) for _ in range(calls - 1)]
+    await asyncio.wait_for(all_asked.wait(), GUARD)
+    assert statements == [[user_id]], "a second statement went out while the first was in flight"
+    release.set()
+    responses = await asyncio.wait_for(asyncio.gather(first, *rest), GUARD)
+    assert [response.status_code for response in responses] == [200] * calls
+    assert statements == [[user_id], [user_id]]
+
+
 class CountingLookup(UserLookup):
     """Tells the test when a number of bearer calls have reached the lookup (their waiter is queued)."""
 
@@ -298,12 +344,11 @@ class CountingLookup(UserLookup):
 
 
 class HeldStatements:
-    """The real user statements of one app, each of which the test can hold in flight after its read."""
+    """The real user statements (``users.by_ids``) of one app, each of which the test can hold in flight after
+    its read."""
 
-    def __init__(self, harness: IssuerHarness) -> None:
-        hot = harness.services.hot
-        assert hot is not None, "PostgreSQL runs the hot path"
-        self._hot = hot
+    def __init__(self, db: Database) -> None:
+        self._db = db
         self._read: dict[int, asyncio.Event] = {}
         self._release: dict[int, asyncio.Event] = {}
         self.versions: list[dict[str, int]] = []  # what each statement read: user id -> tokenVersion
@@ -320,7 +365,7 @@ class HeldStatements:
         await asyncio.wait_for(self._read.setdefault(statement, asyncio.Event()).wait(), GUARD)
 
     async def fetch(self, ids: list[str]) -> dict[str, User]:
-        rows = await hotpath.users_by_id(self._hot, ids)
+        rows = await users.by_ids(self._db, ids)
         self.versions.append({user_id: row.token_version for user_id, row in rows.items()})
         statement = len(self.versions)
         self._read.setdefault(statement, asyncio.Event()).set()
@@ -337,7 +382,7 @@ class HeldStatements:
 async def held_statements(harness: IssuerHarness) -> AsyncIterator[HeldStatements]:
     """Swap the harness's bearer for one whose user statements go through a :class:`HeldStatements`."""
     svc = harness.services
-    held = HeldStatements(harness)
+    held = HeldStatements(svc.db)
     original = svc.bearer
     svc.bearer = BearerAuth(held.lookup, svc.keys, svc.settings, svc.clock, svc.metrics)
     try:
@@ -382,8 +427,8 @@ async def test_after_logout_all_returns_no_later_me_is_answered_by_an_older_read
         assert any(response.status_code == 200 for response in early)
         assert all(response.status_code in (200, 401) for response in early)
         for response in late:
-            assert_error(response, 401, "invalid_token")
-        assert_error(await me(ca, token), 401, "invalid_token")
+            assert_invalid_token(response)
+        assert_invalid_token(await me(ca, token))
 
 
 async def test_on_one_replica_no_me_after_logout_all_is_answered_by_an_older_read(
@@ -428,5 +473,5 @@ async def test_on_one_replica_no_me_after_logout_all_is_answered_by_an_older_rea
     assert [list(read.values()) for read in held.versions[:2]] == [[0], [0]]
     assert all(response.status_code == 200 for response in in_flight)
     for response in late:
-        assert_error(response, 401, "invalid_token")
+        assert_invalid_token(response)
     assert list(held.versions[2].values()) == [1]

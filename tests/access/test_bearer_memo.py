@@ -8,8 +8,6 @@ hit (no RSA work) from a miss.
 
 from __future__ import annotations
 
-import base64
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,10 +18,13 @@ import issuer.access.bearer as bearer_module
 from issuer.access.bearer import BearerAuth
 from issuer.access.tokens import mint_access_token
 from issuer.access.user_lookup import UserLookup
-from issuer.storage import database as hotpath
-from tests.support.http import PASSWORD, assert_error, bearer, login, register
+from issuer.storage import users
+from issuer.verifier.verify import verify_signature
+from tests.support.clock import FakeClock
+from tests.support.http import PASSWORD, assert_invalid_token, bearer, delete_account, login, me, register
 from tests.support.issuer import IssuerHarness
-from tests.support.keys import Cli, token_kid
+from tests.support.jwt import b64url_json, jwt_claims, token_kid
+from tests.support.keys import Cli
 
 
 class RsaChecks:
@@ -35,7 +36,7 @@ class RsaChecks:
 def rsa_checks(monkeypatch: pytest.MonkeyPatch) -> RsaChecks:
     """Counts the RSA signature checks BearerAuth performs."""
     checks = RsaChecks()
-    original = bearer_module.verify_signature
+    original = verify_signature
 
     def counting(*args: Any, **kwargs: Any) -> dict[str, Any]:
         checks.count += 1
@@ -43,22 +44,6 @@ def rsa_checks(monkeypatch: pytest.MonkeyPatch) -> RsaChecks:
 
     monkeypatch.setattr(bearer_module, "verify_signature", counting)
     return checks
-
-
-def claims(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    assert isinstance(decoded, dict)
-    return decoded
-
-
-async def me(client: httpx.AsyncClient, token: str) -> httpx.Response:
-    return await client.get("/auth/me", headers=bearer(token))
-
-
-def assert_invalid_token(response: httpx.Response) -> None:
-    assert_error(response, 401, "invalid_token")
-    assert response.headers["www-authenticate"].startswith('Bearer error="invalid_token"')
 
 
 async def memoized_token(client: httpx.AsyncClient, rsa_checks: RsaChecks) -> str:
@@ -120,35 +105,35 @@ async def test_a_reloaded_key_set_checks_the_signature_again(
 
 
 async def test_a_memoized_token_expires_exactly_when_an_unmemoized_one_does(
-    issuer: IssuerHarness, client: httpx.AsyncClient, rsa_checks: RsaChecks
+    issuer: IssuerHarness, client: httpx.AsyncClient, rsa_checks: RsaChecks, clock: FakeClock
 ) -> None:
     token = await memoized_token(client, rsa_checks)
     leeway = issuer.services.settings.clock_leeway
-    exp = claims(token)["exp"]
+    exp = jwt_claims(token)["exp"]
     checks = rsa_checks.count
 
-    issuer.clock.now = at(exp + leeway - 1)  # the last second inside the leeway
+    clock.now = at(exp + leeway - 1)  # the last second inside the leeway
     assert (await me(client, token)).status_code == 200
-    issuer.clock.now = at(exp + leeway)
+    clock.now = at(exp + leeway)
     assert_invalid_token(await me(client, token))
-    issuer.clock.advance(3600)
+    clock.advance(3600)
     assert_invalid_token(await me(client, token))
     assert rsa_checks.count == checks, "the memo was not used, so this proves nothing about it"
 
 
 async def test_a_memoized_token_from_the_future_is_refused(
-    issuer: IssuerHarness, client: httpx.AsyncClient, rsa_checks: RsaChecks
+    issuer: IssuerHarness, client: httpx.AsyncClient, rsa_checks: RsaChecks, clock: FakeClock
 ) -> None:
-    issuer.clock.advance(600)  # so that the signing key was published well before the token's iat
+    clock.advance(600)  # so that the signing key was published well before the token's iat
     token = await memoized_token(client, rsa_checks)
     leeway = issuer.services.settings.clock_leeway
-    iat = claims(token)["iat"]
+    iat = jwt_claims(token)["iat"]
     checks = rsa_checks.count
-    issuer.clock.now = at(iat - leeway)
+    clock.now = at(iat - leeway)
     assert (await me(client, token)).status_code == 200
-    issuer.clock.now = at(iat - leeway - 1)  # the clock went back: the token is issued in the future
+    clock.now = at(iat - leeway - 1)  # the clock went back: the token is issued in the future
     assert_invalid_token(await me(client, token))
-    issuer.clock.now = at(iat)
+    clock.now = at(iat)
     assert (await me(client, token)).status_code == 200
     assert rsa_checks.count == checks, "the memo was not used, so this proves nothing about it"
 
@@ -188,15 +173,15 @@ def one_character_changes(token: str) -> list[tuple[str, str]]:
 
     The last character of a segment is left alone: its low bits may be padding that decoders ignore.
     """
-    segments = token.split(".")
+    parts = token.split(".")
     variants = []
     for index, name in enumerate(("header", "payload", "signature")):
-        segment = segments[index]
+        segment = parts[index]
         for position in sorted({0, 1, len(segment) // 3, len(segment) // 2, len(segment) - 2}):
             original = segment[position]
             replacement = "A" if original != "A" else "B"
             changed = segment[:position] + replacement + segment[position + 1 :]
-            variants.append((name, ".".join([*segments[:index], changed, *segments[index + 1 :]])))
+            variants.append((name, ".".join([*parts[:index], changed, *parts[index + 1 :]])))
     return variants
 
 
@@ -227,9 +212,8 @@ async def test_a_forged_payload_with_a_memoized_signature_is_refused(
 ) -> None:
     token = await memoized_token(client, rsa_checks)
     header, _payload, signature = token.split(".")
-    forged = claims(token) | {"role": "admin"}
-    payload = base64.urlsafe_b64encode(json.dumps(forged, separators=(",", ":")).encode()).rstrip(b"=").decode()
-    assert_invalid_token(await me(client, f"{header}.{payload}.{signature}"))
+    forged = b64url_json(jwt_claims(token) | {"role": "admin"})
+    assert_invalid_token(await me(client, f"{header}.{forged}.{signature}"))
     assert (await me(client, token)).json()["role"] == "user"
 
 
@@ -254,8 +238,8 @@ async def test_deleting_the_account_kills_a_memoized_token_at_once(
     issuer: IssuerHarness, client: httpx.AsyncClient, rsa_checks: RsaChecks
 ) -> None:
     token = await memoized_token(client, rsa_checks)
-    old_id = claims(token)["sub"]
-    response = await client.request("DELETE", "/auth/account", json={"password": PASSWORD}, headers=bearer(token))
+    old_id = jwt_claims(token)["sub"]
+    response = await delete_account(client, token, PASSWORD)
     assert response.status_code == 204, response.text
     assert_invalid_token(await me(client, token))
     # A new account with the same email is a new user: the old token does not open it.
@@ -268,13 +252,11 @@ async def test_deleting_the_account_kills_a_memoized_token_at_once(
 
 
 async def test_the_memo_never_grows_beyond_its_size_and_forgets_the_oldest_first(
-    issuer: IssuerHarness, client: httpx.AsyncClient, rsa_checks: RsaChecks
+    issuer: IssuerHarness, client: httpx.AsyncClient, rsa_checks: RsaChecks, clock: FakeClock
 ) -> None:
     svc = issuer.services
-    hot = svc.hot
-    assert hot is not None
     small = BearerAuth(
-        UserLookup(lambda ids: hotpath.users_by_id(hot, ids)),
+        UserLookup(lambda ids: users.by_ids(svc.db, ids)),
         svc.keys,
         svc.settings,
         svc.clock,
@@ -283,8 +265,8 @@ async def test_the_memo_never_grows_beyond_its_size_and_forgets_the_oldest_first
     )
     svc.bearer = small  # the routes read services.bearer on every request
     await register(client)
-    template = claims((await login(client))["access_token"])
-    key = svc.keys.signing_key(issuer.clock())
+    template = jwt_claims((await login(client))["access_token"])
+    key = svc.keys.signing_key(clock())
     assert key is not None
     tokens = [
         mint_access_token(
@@ -292,7 +274,7 @@ async def test_the_memo_never_grows_beyond_its_size_and_forgets_the_oldest_first
             issuer=svc.settings.issuer_url,
             audience=svc.settings.audience,
             ttl=svc.settings.access_token_ttl,
-            now=issuer.clock(),
+            now=clock(),
             user_id=template["sub"],
             email=template["email"],
             role=template["role"],
@@ -316,7 +298,7 @@ async def test_the_memo_never_grows_beyond_its_size_and_forgets_the_oldest_first
     assert len(small._memo) == 4
     assert tokens[0] in small._memo
     # Refused tokens are never remembered.
-    issuer.clock.advance(svc.settings.access_token_ttl + svc.settings.clock_leeway)
+    clock.advance(svc.settings.access_token_ttl + svc.settings.clock_leeway)
     expired_memo = dict(small._memo)
     for token in tokens:
         assert_invalid_token(await me(client, token))
