@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from http.cookies import SimpleCookie
+from typing import Any
 
 import httpx
 import pytest
@@ -175,3 +179,66 @@ def test_a_log_entry_is_one_line_whatever_the_client_sent(separator: str) -> Non
     line = formatter.format(record)
     assert line.splitlines() == [line]
     assert json.loads(line)["user_agent"] == record.user_agent
+
+
+# ---------------------------------------------------------------- the JSON formatter
+
+
+def _record(**extra: Any) -> logging.LogRecord:
+    record = logging.LogRecord("issuer.audit", logging.INFO, __file__, 1, "login %s", ("ok",), None)
+    for name, item in extra.items():
+        setattr(record, name, item)
+    return record
+
+
+def test_json_formatter_one_line_with_fields() -> None:
+    line = JsonFormatter().format(
+        _record(event="login", user_id="u-1", family_id="f-1", ip="192.0.2.1", user_agent="UA\nwith newline", n=3)
+    )
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["msg"] == "login ok"
+    assert parsed["level"] == "info"
+    assert parsed["logger"] == "issuer.audit"
+    assert parsed["ts"].endswith("Z")
+    assert {"event": "login", "user_id": "u-1", "family_id": "f-1", "ip": "192.0.2.1", "n": 3}.items() <= parsed.items()
+    assert parsed["user_agent"] == "UA\nwith newline"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "password",
+        "refresh_token",
+        "access_token",
+        "token",
+        "Authorization",
+        "cookie",
+        "client_secret",
+        "kek",
+        "new_password",
+    ],
+)
+def test_json_formatter_drops_secret_named_extras(name: str) -> None:
+    secret = secrets.token_urlsafe(24)
+    line = JsonFormatter().format(_record(event="login", **{name: secret}))
+    parsed = json.loads(line)
+    assert name not in parsed
+    assert secret not in line
+    assert parsed["event"] == "login"
+
+
+def test_json_formatter_exception_stays_one_line() -> None:
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        record = logging.LogRecord("issuer", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    assert "ValueError" in json.loads(line)["exc"]
+
+
+def test_json_formatter_non_json_values_become_strings() -> None:
+    parsed = json.loads(JsonFormatter().format(_record(when=timedelta(seconds=5), items=[1, 2])))
+    assert parsed["when"] == "0:00:05"
+    assert parsed["items"] == "[1, 2]"

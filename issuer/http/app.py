@@ -217,6 +217,8 @@ class ResponseHeaders:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        # Mounted in another app, the scope arrives with the parent's route (its Mount) already in it.
+        outer_route = scope.get("route")
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -229,7 +231,8 @@ class ResponseHeaders:
             await self.app(scope, receive, send_with_headers)
         finally:
             # The router records the matched route in the scope: no second matching pass per request.
-            route = getattr(scope.get("route"), "path", "unmatched")
+            matched = scope.get("route")
+            route = "unmatched" if matched is None or matched is outer_route else getattr(matched, "path", "unmatched")
             key = (route, scope["method"])
             child = self._latency.get(key)
             if child is None:

@@ -1,41 +1,19 @@
-"""Helpers for the operations tests: throttling, faults, metrics, cleanup (not collected: no ``test_`` prefix)."""
+"""Helpers for the operations tests: metrics, lock-out rows (not collected: no ``test_`` prefix).
+
+The per-IP limiter's clock is the one ``FakeClock``: ``running_issuer(settings, clock, monotonic=clock.monotonic)``.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
-
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.services import Services
-from issuer.settings import Settings
 from issuer.storage.schema import login_failures
-from tests.support.clock import FakeClock
-from tests.support.issuer import IssuerHarness, running_issuer
 
-
-class FakeMonotonic:
-    """The per-IP token bucket's clock, moved by the test."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@contextlib.asynccontextmanager
-async def running_issuer_with_monotonic(
-    settings: Settings, clock: FakeClock, monotonic: FakeMonotonic
-) -> AsyncIterator[IssuerHarness]:
-    """Like ``running_issuer``, but the per-IP limiter reads ``monotonic``."""
-    async with running_issuer(settings, clock, monotonic=monotonic) as harness:
-        yield harness
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 async def failure_row(engine: AsyncEngine, email: str) -> tuple[int, object] | None:
@@ -55,11 +33,23 @@ def sample(services: Services, name: str, labels: dict[str, str] | None = None) 
     return 0.0 if value is None else value
 
 
-def retry_after(response: httpx.Response) -> int:
-    """The Retry-After header as delta-seconds; fails on anything else (an HTTP date, a fraction)."""
-    raw = response.headers.get("retry-after")
-    assert raw is not None, f"no Retry-After on {response.status_code}: {response.headers}"
-    assert raw.isdigit(), f"Retry-After is not integer seconds: {raw!r}"
-    seconds = int(raw)
-    assert seconds >= 1, raw
-    return seconds
+async def scrape(client: httpx.AsyncClient) -> Samples:
+    """GET /metrics, parsed as Prometheus parses it: {(sample name, labels): value}."""
+    response = await client.get("/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain"), response.headers
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One scraped sample (0 when the series does not exist)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def label_values(samples: Samples, name: str, label: str) -> set[str]:
+    """Every value the label ``label`` takes in the samples called ``name``."""
+    return {dict(key)[label] for (sample_name, key) in samples if sample_name == name and label in dict(key)}

@@ -6,10 +6,8 @@ import asyncio
 import json
 import logging
 import secrets
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -18,45 +16,23 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jwt as jose_jwt
-from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy.exc import OperationalError
 
+from issuer.http import health
 from issuer.logs import JsonFormatter
 from issuer.settings import Settings
-from issuer.storage import database as hotpath
-from issuer.storage import store
-from issuer.storage.database import DatabaseUnavailable
+from issuer.storage import users
+from issuer.storage.database import Database, DatabaseUnavailable
+from tests.http._http import DURATION
 from tests.support.clock import FakeClock
 from tests.support.families import refresh_cookie_request, set_cookie_attributes
-from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
+from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register, retry_after
 from tests.support.issuer import IssuerHarness, running_issuer, with_settings
-from tests.support.operations import FakeMonotonic, running_issuer_with_monotonic
+from tests.support.jwt import jwt_claims
+from tests.support.operations import label_values, scrape, value
 
 WRONG = "definitely not it"
 USER_AGENT = "TestBrowser/1.0 (audit)"
 AUDIT_IP = "192.0.2.77"
-
-
-# ---------------------------------------------------------------- reading /metrics like Prometheus does
-
-
-async def scrape(client: httpx.AsyncClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    response = await client.get("/metrics")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(response.text):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def label_values(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, label: str) -> set[str]:
-    return {dict(key)[label] for (sample_name, key) in samples if sample_name == name and label in dict(key)}
 
 
 # ---------------------------------------------------------------- metrics
@@ -188,7 +164,7 @@ async def test_token_verification_failures_by_reason(observed: IssuerHarness) ->
         good = tokens["access_token"]
         signing = services.keys.signing_key(clock())
         assert signing is not None
-        claims = pyjwt.decode(good, options={"verify_signature": False})
+        claims = jwt_claims(good)
         header = {"alg": "RS256", "typ": "at+jwt", "kid": signing.record.kid}
 
         head, body, signature = good.split(".")
@@ -255,16 +231,15 @@ async def test_request_duration_per_route_template(observed: IssuerHarness) -> N
         await client.get(f"/no/such/{secrets.token_hex(8)}")
         await client.get("/.well-known/jwks.json")
         samples = await scrape(client)
-    count = "issuer_request_duration_seconds_count"
-    assert value(samples, count, route="/auth/register", method="POST") == 1
-    assert value(samples, count, route="/auth/login", method="POST") == 1
-    assert value(samples, count, route="/auth/me", method="GET") == 3
-    assert value(samples, count, route="/auth/sessions/{session_id}", method="DELETE") == 1
-    assert value(samples, count, route="/.well-known/jwks.json", method="GET") == 1
-    assert value(samples, count, route="unmatched", method="GET") == 1
+    assert value(samples, DURATION, route="/auth/register", method="POST") == 1
+    assert value(samples, DURATION, route="/auth/login", method="POST") == 1
+    assert value(samples, DURATION, route="/auth/me", method="GET") == 3
+    assert value(samples, DURATION, route="/auth/sessions/{session_id}", method="DELETE") == 1
+    assert value(samples, DURATION, route="/.well-known/jwks.json", method="GET") == 1
+    assert value(samples, DURATION, route="unmatched", method="GET") == 1
     assert value(samples, "issuer_request_duration_seconds_bucket", route="/auth/me", method="GET", le="+Inf") == 3
     # Label values are route templates, never raw paths: ids and junk cannot blow up the cardinality.
-    routes = label_values(samples, count, "route")
+    routes = label_values(samples, DURATION, "route")
     assert not any(session_id in route or "/no/such" in route for route in routes), routes
 
 
@@ -285,31 +260,39 @@ async def test_database_errors_are_counted(observed: IssuerHarness, monkeypatch:
         await register(client)
         tokens = await login(client)
 
-        # The portable path raises SQLAlchemy's errors; PostgreSQL's one-round-trip path raises its own.
-        async def failing(*args: Any, **kwargs: Any) -> Any:
-            raise OperationalError("SELECT ...", {}, Exception("connection lost"))
+        # The storage layer's own error, and a real socket error (a database that refuses connections),
+        # which the Database translates into the same.
+        unreachable = Database("postgresql://issuer@127.0.0.1:1/issuer", 1)
 
-        async def failing_hot(*args: Any, **kwargs: Any) -> Any:
+        async def down(db: Any, ids: list[str]) -> Any:
             raise DatabaseUnavailable("ConnectionDoesNotExistError")
 
-        with monkeypatch.context() as patch:
-            patch.setattr(store, "users_by_id", failing)
-            patch.setattr(hotpath, "users_by_id", failing_hot)
-            for _ in range(2):
-                assert_error(
-                    await client.get("/auth/me", headers=bearer(tokens["access_token"])),
-                    503,
-                    "temporarily_unavailable",
-                )
+        async def refused(db: Any, ids: list[str]) -> Any:
+            return await real(unreachable, ids)
+
+        real = users.by_ids
+        try:
+            for failing in (down, refused):
+                with monkeypatch.context() as patch:
+                    patch.setattr(users, "by_ids", failing)
+                    assert_error(
+                        await client.get("/auth/me", headers=bearer(tokens["access_token"])),
+                        503,
+                        "temporarily_unavailable",
+                    )
+        finally:
+            await unreachable.close()
         assert (await client.get("/auth/me", headers=bearer(tokens["access_token"]))).status_code == 200
         samples = await scrape(client)
     assert value(samples, "issuer_database_errors_total") == 2
 
 
 async def test_throttled_requests_are_counted(settings: Settings, clock: FakeClock) -> None:
-    monotonic = FakeMonotonic()
     configured = with_settings(settings, rate_limit_per_ip=2)
-    async with running_issuer_with_monotonic(configured, clock, monotonic) as harness, harness.client() as client:
+    async with (
+        running_issuer(configured, clock, monotonic=clock.monotonic) as harness,
+        harness.client() as client,
+    ):
         for _ in range(3):
             await client.post("/auth/refresh", json={"refresh_token": "A" * 43})
         for _ in range(4):
@@ -331,6 +314,60 @@ async def test_two_apps_in_one_process_have_separate_metrics(settings: Settings,
         await login(client_a)
         assert value(await scrape(client_a), "issuer_logins_total", outcome="success") == 1
         assert value(await scrape(client_b), "issuer_logins_total", outcome="success") == 0
+
+
+# ---------------------------------------------------------------- health and readiness
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    for method in ("GET", "HEAD"):
+        alive = await client.request(method, "/healthz")
+        assert alive.status_code == 200, method
+        ready = await client.request(method, "/readyz")
+        assert ready.status_code == 200, method
+        assert ready.headers["cache-control"] == "no-store", method
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).json() == {"status": "ready"}
+
+
+@pytest.mark.parametrize(
+    ("database", "key", "problems"),
+    [
+        ("down", "active", ["database unreachable"]),
+        ("hanging", "active", ["database unreachable"]),
+        ("up", "none", ["no active signing key"]),
+        ("down", "none", ["database unreachable", "no active signing key"]),
+    ],
+)
+async def test_not_ready_without_the_database_or_a_signing_key(
+    issuer: IssuerHarness,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    database: str,
+    key: str,
+    problems: list[str],
+) -> None:
+    """503 (with Retry-After, never cached) names what is missing; a hanging database is given up on after
+    the readiness timeout; the process stays alive (/healthz) all the while."""
+
+    async def down() -> None:
+        raise DatabaseUnavailable("ConnectionRefusedError")
+
+    async def hanging() -> None:
+        await asyncio.Event().wait()
+
+    if database != "up":
+        monkeypatch.setattr(issuer.services.db, "ping", down if database == "down" else hanging)
+        monkeypatch.setattr(health, "READINESS_DB_TIMEOUT", 0.05)
+    if key == "none":
+        monkeypatch.setattr(issuer.services.keys, "signing_key", lambda now: None)
+    ready = await asyncio.wait_for(client.get("/readyz"), timeout=5)
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "unavailable", "problems": problems}
+    assert ready.headers["cache-control"] == "no-store"
+    assert retry_after(ready) >= 1
+    alive = await client.get("/healthz")
+    assert (alive.status_code, alive.json()) == (200, {"status": "ok"})
 
 
 # ---------------------------------------------------------------- audit log
@@ -417,7 +454,7 @@ async def test_audit_trail_one_record_per_event(
         logged_in = await login(client)
         access_tokens.append(logged_in["access_token"])
         refresh_tokens.append(logged_in["refresh_token"])
-        family_id = pyjwt.decode(logged_in["access_token"], options={"verify_signature": False})["sid"]
+        family_id = jwt_claims(logged_in["access_token"])["sid"]
 
         rotated = await refresh_body(client, logged_in["refresh_token"])
         assert rotated.status_code == 200
@@ -429,14 +466,14 @@ async def test_audit_trail_one_record_per_event(
         assert cookie_login.status_code == 200
         access_tokens.append(cookie_login.json()["access_token"])
         refresh_tokens.append(cookie_value(cookie_login))
-        cookie_family = pyjwt.decode(cookie_login.json()["access_token"], options={"verify_signature": False})["sid"]
+        cookie_family = jwt_claims(cookie_login.json()["access_token"])["sid"]
         logout = await client.post("/auth/logout", headers=refresh_cookie_request(client, cookie_value(cookie_login)))
         assert logout.status_code == 204
 
         third = await login(client)
         access_tokens.append(third["access_token"])
         refresh_tokens.append(third["refresh_token"])
-        third_family = pyjwt.decode(third["access_token"], options={"verify_signature": False})["sid"]
+        third_family = jwt_claims(third["access_token"])["sid"]
         fourth = await login(client)
         access_tokens.append(fourth["access_token"])
         refresh_tokens.append(fourth["refresh_token"])
@@ -531,80 +568,19 @@ def _assert_no_secret(lines: list[str], passwords: list[str], access: list[str],
         assert needle not in haystack, f"{name} appears in the log"
 
 
-# ---------------------------------------------------------------- the JSON formatter
-
-
-def _record(**extra: Any) -> logging.LogRecord:
-    record = logging.LogRecord("issuer.audit", logging.INFO, __file__, 1, "login %s", ("ok",), None)
-    for name, item in extra.items():
-        setattr(record, name, item)
-    return record
-
-
-def test_json_formatter_one_line_with_fields() -> None:
-    line = JsonFormatter().format(
-        _record(event="login", user_id="u-1", family_id="f-1", ip="192.0.2.1", user_agent="UA\nwith newline", n=3)
-    )
-    assert "\n" not in line
-    parsed = json.loads(line)
-    assert parsed["msg"] == "login ok"
-    assert parsed["level"] == "info"
-    assert parsed["logger"] == "issuer.audit"
-    assert parsed["ts"].endswith("Z")
-    assert {"event": "login", "user_id": "u-1", "family_id": "f-1", "ip": "192.0.2.1", "n": 3}.items() <= parsed.items()
-    assert parsed["user_agent"] == "UA\nwith newline"
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "password",
-        "refresh_token",
-        "access_token",
-        "token",
-        "Authorization",
-        "cookie",
-        "client_secret",
-        "kek",
-        "new_password",
-    ],
-)
-def test_json_formatter_drops_secret_named_extras(name: str) -> None:
-    secret = secrets.token_urlsafe(24)
-    line = JsonFormatter().format(_record(event="login", **{name: secret}))
-    parsed = json.loads(line)
-    assert name not in parsed
-    assert secret not in line
-    assert parsed["event"] == "login"
-
-
-def test_json_formatter_exception_stays_one_line() -> None:
-    try:
-        raise ValueError("boom\nsecond line")
-    except ValueError:
-        record = logging.LogRecord("issuer", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
-    line = JsonFormatter().format(record)
-    assert "\n" not in line
-    assert "ValueError" in json.loads(line)["exc"]
-
-
-def test_json_formatter_non_json_values_become_strings() -> None:
-    parsed = json.loads(JsonFormatter().format(_record(when=timedelta(seconds=5), items=[1, 2])))
-    assert parsed["when"] == "0:00:05"
-    assert parsed["items"] == "[1, 2]"
-
-
 async def test_no_secret_in_any_formatted_line_after_abuse_flow(
     settings: Settings, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The whole abuse surface (lock-out, rate limit, theft, faults) through the production formatter."""
     caplog.set_level(logging.DEBUG)
-    monotonic = FakeMonotonic()
     configured = with_settings(settings, login_lockout_threshold=2, rate_limit_per_ip=30, refresh_reuse_grace=0)
     passwords = [PASSWORD, WRONG, "another wrong guess"]
     access: list[str] = []
     refresh: list[str] = []
-    async with running_issuer_with_monotonic(configured, clock, monotonic) as harness, harness.client() as client:
+    async with (
+        running_issuer(configured, clock, monotonic=clock.monotonic) as harness,
+        harness.client() as client,
+    ):
         await register(client)
         for guess in passwords[1:] * 2:
             await client.post("/auth/login", json={"email": "alice@example.com", "password": guess})

@@ -291,21 +291,6 @@ async def test_missing_fields(
     await assert_seed_intact(client, seed)
 
 
-@pytest.mark.parametrize(
-    ("method", "path"),
-    [("POST", "/auth/login/"), ("POST", "/auth/refresh/"), ("GET", "/auth/me/"), ("GET", "/.well-known/jwks.json/")],
-)
-async def test_a_trailing_slash_is_not_found_never_a_redirect(
-    client: httpx.AsyncClient, method: str, path: str
-) -> None:
-    """Starlette's default would answer 307 to http://<the client's Host>/auth/login: behind a TLS proxy a
-    client that follows it resends the password in clear text, to whatever host the request named."""
-    body = {"email": "alice@example.com", "password": "correct horse battery staple"}
-    response = await client.request(method, path, json=body, headers={"Host": "evil.example"})
-    assert_error(response, 404, "not_found")
-    assert "location" not in response.headers
-
-
 async def test_a_client_that_disconnects_mid_body_is_a_quiet_400(
     issuer: IssuerHarness, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -3,29 +3,24 @@ security headers every response carries."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from issuer.settings import Settings
-from issuer.storage import database as hotpath
-from issuer.storage import store
+from issuer.storage import users
+from issuer.storage.database import DatabaseUnavailable
+from issuer.storage.schema import families
+from issuer.storage.schema import users as users_table
+from tests.http._http import APP_ORIGIN as APP
+from tests.http._http import DOCUMENTS, JWKS, assert_security_headers, current_etag
+from tests.http._http import EVIL_ORIGIN as EVIL
 from tests.support.clock import FakeClock
 from tests.support.families import refresh_cookie_request, set_cookie_attributes
 from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
-from tests.support.issuer import CLIENT_IP, ISSUER_URL, IssuerHarness, running_issuer, with_settings
-from tests.support.operations import FakeMonotonic, running_issuer_with_monotonic
-
-APP = "https://app.example"
-EVIL = "https://evil.example"
-
-
-@pytest.fixture
-async def browser_app(settings: Settings, clock: FakeClock) -> AsyncIterator[IssuerHarness]:
-    async with running_issuer(with_settings(settings, allowed_origins=(APP,)), clock) as harness:
-        yield harness
+from tests.support.issuer import ISSUER_URL, IssuerHarness, running_issuer, with_settings
 
 
 async def cookie_login(client: httpx.AsyncClient) -> str:
@@ -100,8 +95,9 @@ async def test_cookie_login_from_foreign_origin_is_403_and_writes_nothing(browse
         await register(client)
     engine = browser_app.engine
     async with engine.connect() as conn:
-        user = await store.user_by_email(conn, "alice@example.com")
-    assert user is not None
+        user_id = (
+            await conn.execute(select(users_table.c.id).where(users_table.c.email == "alice@example.com"))
+        ).scalar_one()
     body = b'{"email": "alice@example.com", "password": "%s"}' % PASSWORD.encode()
     async with browser_app.client() as client:
         for origin in (EVIL, "null", f"{APP}.evil.example"):
@@ -110,7 +106,8 @@ async def test_cookie_login_from_foreign_origin_is_403_and_writes_nothing(browse
             assert "set-cookie" not in refused.headers
             assert_no_cors_grant(refused)
         async with engine.connect() as conn:
-            assert await store.active_families(conn, user.id, browser_app.clock()) == []
+            started = (await conn.execute(select(families.c.id).where(families.c.user_id == user_id))).all()
+        assert started == [], "a refused login started a session"
         # Allowed origins, the issuer's own and non-browser clients log in as before.
         for origin in (APP, ISSUER_URL, None):
             headers = {} if origin is None else {"Origin": origin}
@@ -178,6 +175,38 @@ async def test_no_wildcard_origin_ever(browser_app: IssuerHarness) -> None:
                     assert_no_cors_grant(response)
 
 
+async def test_allowed_origins_get_cors_on_the_documents_and_me(browser_app: IssuerHarness) -> None:
+    """Browser apps read the JWKS, the metadata and /auth/me: with credentials for an allowed origin (200,
+    304, HEAD, 401 alike), nothing for another, and the same answer otherwise."""
+    async with browser_app.client() as client:
+        await register(client)
+        access = (await login(client))["access_token"]
+        requests: list[tuple[str, str, dict[str, str]]] = [
+            (method, path, headers)
+            for path in DOCUMENTS
+            for method in ("GET", "HEAD")
+            for headers in ({}, {"If-None-Match": current_etag(browser_app)})
+        ]
+        requests += [(method, "/auth/me", auth) for method in ("GET", "HEAD") for auth in (bearer(access), {})]
+        statuses = set()
+        for method, path, headers in requests:
+            what = (method, path, headers)
+            allowed = await client.request(method, path, headers={**headers, "Origin": APP})
+            statuses.add(allowed.status_code)
+            assert allowed.headers["access-control-allow-origin"] == APP, what
+            assert allowed.headers["access-control-allow-credentials"] == "true", what
+            assert "origin" in allowed.headers.get("vary", "").lower(), what
+            assert_security_headers(allowed, what)
+            refused = await client.request(method, path, headers={**headers, "Origin": EVIL})
+            assert_no_cors_grant(refused)
+            assert (refused.status_code, refused.content) == (allowed.status_code, allowed.content), what
+        assert statuses == {200, 304, 401}
+        preflight = await client.options(JWKS, headers={"Origin": APP, "Access-Control-Request-Method": "GET"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == APP
+        assert_security_headers(preflight)
+
+
 async def test_without_allowed_origins_no_cors_at_all(client: httpx.AsyncClient) -> None:
     await register(client)
     token = await cookie_login(client)
@@ -191,76 +220,80 @@ async def test_without_allowed_origins_no_cors_at_all(client: httpx.AsyncClient)
 # ---------------------------------------------------------------- headers on every response
 
 
-async def test_every_response_has_nosniff(
+async def test_every_response_has_the_security_headers(
     settings: Settings, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monotonic = FakeMonotonic()
     configured = with_settings(settings, allowed_origins=(APP,), rate_limit_per_ip=50)
-    async with running_issuer_with_monotonic(configured, clock, monotonic) as harness:
-        transport = httpx.ASGITransport(app=harness.app, client=(CLIENT_IP, 40000), raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url=ISSUER_URL) as client:
-            responses: dict[str, httpx.Response] = {}
-            responses["register 201"] = await client.post(
-                "/auth/register", json={"email": "alice@example.com", "password": PASSWORD}
-            )
-            tokens = await login(client)
-            responses["login cookie"] = await client.post(
-                "/auth/login", json={"email": "alice@example.com", "password": PASSWORD}
-            )
-            responses["refresh"] = await refresh_body(client, tokens["refresh_token"])
-            access = responses["refresh"].json()["access_token"]
-            responses["me"] = await client.get("/auth/me", headers=bearer(access))
-            responses["sessions"] = await client.get("/auth/sessions", headers=bearer(access))
-            responses["logout 204"] = await client.post("/auth/logout", json={"refresh_token": "x" * 43})
-            jwks = await client.get("/.well-known/jwks.json")
-            responses["jwks"] = jwks
-            responses["jwks 304"] = await client.get(
-                "/.well-known/jwks.json", headers={"If-None-Match": jwks.headers["etag"]}
-            )
-            responses["metadata"] = await client.get("/.well-known/oauth-authorization-server")
-            responses["healthz"] = await client.get("/healthz")
-            responses["readyz"] = await client.get("/readyz")
-            responses["metrics"] = await client.get("/metrics")
-            responses["400"] = await client.post(
-                "/auth/login", content=b"{not json", headers={"Content-Type": "application/json"}
-            )
-            responses["401"] = await client.get("/auth/me")
-            responses["403"] = await client.post("/auth/refresh", headers={"Origin": EVIL})
-            responses["404"] = await client.get("/nope")
-            responses["405"] = await client.get("/auth/login")
-            responses["409"] = await client.post(
-                "/auth/register", json={"email": "alice@example.com", "password": PASSWORD}
-            )
-            responses["413"] = await client.post(
-                "/auth/login", content=b"x" * 20000, headers={"Content-Type": "application/json"}
-            )
-            responses["preflight"] = await client.options(
-                "/auth/refresh", headers={"Origin": APP, "Access-Control-Request-Method": "POST"}
-            )
-            responses["preflight foreign"] = await client.options(
-                "/auth/refresh", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"}
-            )
+    async with (
+        running_issuer(configured, clock, monotonic=clock.monotonic) as harness,
+        harness.client(raise_app_exceptions=False) as client,
+    ):
+        responses: dict[str, httpx.Response] = {}
+        responses["register 201"] = await client.post(
+            "/auth/register", json={"email": "alice@example.com", "password": PASSWORD}
+        )
+        tokens = await login(client)
+        responses["login cookie"] = await client.post(
+            "/auth/login", json={"email": "alice@example.com", "password": PASSWORD}
+        )
+        responses["refresh"] = await refresh_body(client, tokens["refresh_token"])
+        access = responses["refresh"].json()["access_token"]
+        responses["me"] = await client.get("/auth/me", headers=bearer(access))
+        responses["sessions"] = await client.get("/auth/sessions", headers=bearer(access))
+        responses["logout 204"] = await client.post("/auth/logout", json={"refresh_token": "x" * 43})
+        jwks = await client.get("/.well-known/jwks.json")
+        responses["jwks"] = jwks
+        responses["jwks 304"] = await client.get(
+            "/.well-known/jwks.json", headers={"If-None-Match": jwks.headers["etag"]}
+        )
+        responses["metadata"] = await client.get("/.well-known/oauth-authorization-server")
+        responses["healthz"] = await client.get("/healthz")
+        responses["readyz"] = await client.get("/readyz")
+        responses["metrics"] = await client.get("/metrics")
+        responses["400"] = await client.post(
+            "/auth/login", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        responses["401"] = await client.get("/auth/me")
+        responses["403"] = await client.post("/auth/refresh", headers={"Origin": EVIL})
+        responses["404"] = await client.get("/nope")
+        responses["405"] = await client.get("/auth/login")
+        responses["409"] = await client.post(
+            "/auth/register", json={"email": "alice@example.com", "password": PASSWORD}
+        )
+        responses["413"] = await client.post(
+            "/auth/login", content=b"x" * 20000, headers={"Content-Type": "application/json"}
+        )
+        responses["preflight"] = await client.options(
+            "/auth/refresh", headers={"Origin": APP, "Access-Control-Request-Method": "POST"}
+        )
+        responses["preflight foreign"] = await client.options(
+            "/auth/refresh", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"}
+        )
 
-            async def broken(*args: Any, **kwargs: Any) -> Any:
-                raise RuntimeError("an unexpected bug")
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("an unexpected bug")
 
-            with monkeypatch.context() as patch:
-                patch.setattr(store, "users_by_id", broken)  # the portable path
-                patch.setattr(hotpath, "users_by_id", broken)  # PostgreSQL's one-round-trip path
-                responses["500"] = await client.get("/auth/me", headers=bearer(access))
-            assert_error(responses["500"], 500, "server_error")
-            assert "unexpected bug" not in responses["500"].text
+        async def database_down(*args: Any, **kwargs: Any) -> Any:
+            raise DatabaseUnavailable("ConnectionRefusedError")
 
-            for _ in range(60):
-                last = await client.post("/auth/refresh", json={"refresh_token": "A" * 43})
-                if last.status_code == 429:
-                    break
-            responses["429"] = last
+        with monkeypatch.context() as patch:
+            patch.setattr(users, "by_ids", broken)
+            responses["500"] = await client.get("/auth/me", headers=bearer(access))
+            patch.setattr(users, "by_ids", database_down)
+            responses["503"] = await client.get("/auth/me", headers=bearer(access))
+        assert_error(responses["503"], 503, "temporarily_unavailable")
+        assert_error(responses["500"], 500, "server_error")
+        assert "unexpected bug" not in responses["500"].text
+
+        for _ in range(60):
+            last = await client.post("/auth/refresh", json={"refresh_token": "A" * 43})
+            if last.status_code == 429:
+                break
+        responses["429"] = last
 
     assert responses["429"].status_code == 429
     for name, response in responses.items():
-        assert response.headers.get("x-content-type-options") == "nosniff", (name, response.status_code)
-        assert len(response.headers.get_list("x-content-type-options")) == 1, name
+        assert_security_headers(response, name)
 
 
 async def test_token_responses_are_not_cacheable(client: httpx.AsyncClient) -> None:
