@@ -34,7 +34,7 @@ from issuer.http import auth, health, wellknown
 from issuer.services import Services
 from issuer.settings import Settings
 from issuer.storage.cleanup import cleanup
-from issuer.storage.database import DatabaseUnavailable
+from issuer.storage.database import ConstraintViolation, DatabaseUnavailable
 
 log = logging.getLogger("issuer")
 
@@ -108,6 +108,9 @@ def create_app(
             IssuerError: render_error,
             HTTPException: _http_exception,
             DatabaseUnavailable: _database_down,
+            # A violation no storage module expected (each turns the ones it expects into domain errors):
+            # nothing was written, and the client may retry, as after any database fault.
+            ConstraintViolation: _database_down,
             500: _server_error,
         },
         lifespan=lifespan,
