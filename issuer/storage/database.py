@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 import asyncpg
@@ -96,13 +97,16 @@ class Database:
 
     async def fetch(self, statement: Statement, *args: object) -> list[Row]:
         """Run one statement in autocommit, in one round trip, and return its rows."""
+        _refuse_naive(args)
         return await self._run(statement, lambda conn: conn.fetch(statement.sql, *args))
 
     async def fetchrow(self, statement: Statement, *args: object) -> Row | None:
+        _refuse_naive(args)
         return await self._run(statement, lambda conn: conn.fetchrow(statement.sql, *args))
 
     async def execute(self, statement: Statement, *args: object) -> str:
         """Run one statement; returns its command tag (``"DELETE 3"``)."""
+        _refuse_naive(args)
         return await self._run(statement, lambda conn: conn.execute(statement.sql, *args))
 
     @contextlib.asynccontextmanager
@@ -138,10 +142,11 @@ class Database:
         return self._pool.get_size() if self._pool is not None else 0
 
     async def close(self) -> None:
+        """Close the pool once the statements running now are done (asyncpg waits for their connections)."""
         self._closed = True
         if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+            await self._pool.close()
+            self._pool = None
 
     async def _run(self, statement: Statement, call: Callable[[Connection], Awaitable[T]]) -> T:
         """``call`` on a pooled connection, retried once on a fresh one when that is safe.
@@ -200,10 +205,8 @@ class Database:
         return conn
 
     async def _release(self, conn: Connection) -> None:
-        pool = self._pool
-        if pool is None:  # closed meanwhile: the pool's close terminated the connection
-            return
-        await pool.release(conn)
+        if self._pool is not None:  # else closed: asyncpg's close has already let the connection go
+            await self._pool.release(conn)
 
     async def _open(self) -> asyncpg.Pool:
         async with self._opening:
@@ -230,12 +233,15 @@ class Transaction:
         self._conn = conn
 
     async def fetch(self, statement: Statement, *args: object) -> list[Row]:
+        _refuse_naive(args)
         return await self._run(self._conn.fetch(statement.sql, *args))
 
     async def fetchrow(self, statement: Statement, *args: object) -> Row | None:
+        _refuse_naive(args)
         return await self._run(self._conn.fetchrow(statement.sql, *args))
 
     async def execute(self, statement: Statement, *args: object) -> str:
+        _refuse_naive(args)
         return await self._run(self._conn.execute(statement.sql, *args))
 
     async def _run(self, call: Awaitable[T]) -> T:
@@ -263,6 +269,13 @@ def _translated(conn: Connection, exc: BaseException) -> Exception:
         with contextlib.suppress(asyncpg.InterfaceError):  # a closed one is already back in the pool
             conn.terminate()
     return DatabaseUnavailable(type(exc).__name__)
+
+
+def _refuse_naive(args: tuple[object, ...]) -> None:
+    """A naive datetime names no instant: asyncpg would read it in the process's local time zone."""
+    for arg in args:
+        if isinstance(arg, datetime) and arg.tzinfo is None:
+            raise ValueError("naive datetime given to the database; every time here is timezone-aware UTC")
 
 
 def rows_affected(tag: str) -> int:

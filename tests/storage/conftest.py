@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import secrets
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import ColumnElement, Table, insert, select, text
@@ -34,27 +35,33 @@ NOW = datetime(2030, 6, 1, 12, 0, 0, 123456, tzinfo=UTC)
 HOUR = timedelta(hours=1)
 SESSION = 30 * 24 * HOUR
 
+T = TypeVar("T")
+
 # The server process behind a connection: the same pid before and after means the same pooled connection.
 BACKEND_PID = Statement("SELECT pg_backend_pid() AS pid")
 
 
-@pytest.fixture
-async def db(pg_url: str) -> AsyncIterator[Database]:
-    database = Database(pg_url, size=2)
+@contextlib.asynccontextmanager
+async def pool(database_url: str, size: int) -> AsyncIterator[Database]:
+    """A ``Database`` of up to ``size`` connections, closed after the block."""
+    database = Database(database_url, size=size)
     try:
         yield database
     finally:
         await database.close()
+
+
+@pytest.fixture
+async def db(pg_url: str) -> AsyncIterator[Database]:
+    async with pool(pg_url, 2) as database:
+        yield database
 
 
 @pytest.fixture
 async def solo(pg_url: str) -> AsyncIterator[Database]:
     """A pool of one connection: every statement runs on the same connection, unless one was discarded."""
-    database = Database(pg_url, size=1)
-    try:
+    async with pool(pg_url, 1) as database:
         yield database
-    finally:
-        await database.close()
 
 
 @pytest.fixture
@@ -194,15 +201,33 @@ async def row_locked(engine: AsyncEngine, table: Table, where: ColumnElement[boo
         yield
 
 
-async def wait_until_blocked(engine: AsyncEngine, backends: int = 1) -> None:
-    """Until ``backends`` server processes of this database wait for a row lock (a statement of the test is
-    queued behind a transaction the test holds open)."""
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
+async def all_at_once(
+    engine: AsyncEngine,
+    table: Table,
+    where: ColumnElement[bool],
+    call: Callable[[], Coroutine[Any, Any, T]],
+    times: int,
+) -> list[T]:
+    """``call()`` ``times`` times concurrently, on one row: all are started behind the row's lock and released
+    together, so their statements overlap for certain. Every call has ended when this returns, however the
+    test goes (none is left running against a pool that closes)."""
+    async with asyncio.TaskGroup() as group, row_locked(engine, table, where):
+        tasks = [group.create_task(call()) for _ in range(times)]
+        await wait_until_blocked(engine, times)
+    return [task.result() for task in tasks]
+
+
+async def wait_for_backends(engine: AsyncEngine, condition: str, backends: int = 1) -> None:
+    """Until ``backends`` server processes of this database match ``condition`` (SQL on pg_stat_activity)."""
+    query = text(f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {condition}")
     for _ in range(500):
         async with engine.connect() as conn:
             if (await conn.execute(query)).scalar_one() >= backends:
                 return
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{backends} statement(s) never waited for a lock")
+    raise AssertionError(f"never {backends} backend(s) with {condition}")
+
+
+async def wait_until_blocked(engine: AsyncEngine, backends: int = 1) -> None:
+    """Until ``backends`` statements wait for a lock (queued behind a transaction the test holds open)."""
+    await wait_for_backends(engine, "wait_event_type = 'Lock'", backends)

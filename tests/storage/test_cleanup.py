@@ -14,15 +14,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from issuer.storage.store import User
 from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.errors import InvalidGrant
 from issuer.http.throttle import SharedRateLimiter
 from issuer.sessions.families import token_hash
 from issuer.settings import Settings
 from issuer.storage.cleanup import cleanup
-from issuer.storage.schema import create_engine, families, login_failures, rate_buckets, refresh_tokens
+from issuer.storage.database import Database
+from issuer.storage.schema import families, login_failures, rate_buckets, refresh_tokens
+from issuer.storage.users import User
 from tests.support.clock import FakeClock
 from tests.support.families import assert_single_chain
 from tests.support.http import PASSWORD
@@ -37,10 +39,9 @@ WINDOW = timedelta(minutes=15)
 
 
 @pytest.fixture
-async def harness(settings: Settings, clock: FakeClock, pg_url: str) -> AsyncIterator[IssuerHarness]:
+async def harness(settings: Settings, clock: FakeClock) -> AsyncIterator[IssuerHarness]:
     configured = with_settings(
         settings,
-        database_url=pg_url,
         access_token_ttl=60,
         refresh_token_ttl=REFRESH_TTL,
         session_max_age=SESSION_MAX_AGE,
@@ -62,19 +63,21 @@ class World:
     """Drives the real services on the fake clock, at offsets from the start."""
 
     def __init__(self, harness: IssuerHarness, user: User) -> None:
+        assert isinstance(harness.clock, FakeClock)
         self.harness = harness
+        self.clock: FakeClock = harness.clock
         self.user = user
-        self.start = harness.clock()
+        self.start = self.clock()
 
     def at(self, offset: int) -> datetime:
         target = self.start + timedelta(seconds=offset)
-        assert target >= self.harness.clock(), "time only moves forward"
-        self.harness.clock.now = target
+        assert target >= self.clock(), "time only moves forward"
+        self.clock.now = target
         return target
 
     async def login(self, offset: int) -> Chain:
         issued = await self.harness.services.families.start(
-            self.user, now=self.at(offset), user_agent="test", ip="192.0.2.1"
+            self.user, now=self.at(offset), user_agent="test", ip="192.0.2.1", clear_failures_of=None
         )
         return Chain(issued.family_id, issued.token)
 
@@ -143,7 +146,7 @@ async def test_cleanup_removes_exactly_what_ended_before_the_retention(harness: 
     expiries = await _token_expiries(harness)
     assert len(families_before) == 9
 
-    report = await cleanup(services.engine, now=now, retention=RETENTION, failure_window=WINDOW, batch=batch)
+    report = await cleanup(services.db, now=now, retention=RETENTION, failure_window=WINDOW, batch=batch)
 
     families_after, tokens_after = await _rows(harness)
 
@@ -168,15 +171,15 @@ async def test_cleanup_removes_exactly_what_ended_before_the_retention(harness: 
     assert report.login_failures == 0
 
     # Live families keep working after the cleanup.
-    harness.clock.now = now
+    world.clock.now = now
     await world.refresh(live, 5010)
     assert live.token != live_token_before
-    again = await cleanup(services.engine, now=world.at(5010), retention=RETENTION, failure_window=WINDOW, batch=batch)
+    again = await cleanup(services.db, now=world.at(5010), retention=RETENTION, failure_window=WINDOW, batch=batch)
     # Ten seconds later the session that ended exactly at the old cutoff is past it, and only that one goes.
     assert (again.tokens, again.families) == (1, 1)
     families_later, _ = await _rows(harness)
     assert set(families_later) == {c.family_id for c in kept - {idle_at_cutoff}}
-    await assert_single_chain(services.engine, harness.clock())
+    await assert_single_chain(harness.engine, harness.clock())
     # The dead-but-retained sessions are still dead: cleanup's retention does not resurrect anything.
     for chain in (idle_recently, revoked_recently, idle_at_cutoff):
         with pytest.raises(InvalidGrant):
@@ -194,7 +197,7 @@ async def test_cleanup_in_tiny_batches_removes_everything(harness: IssuerHarness
             await world.refresh(chain, step * 10)
     live = await world.login(5000)
     now = world.at(5000)
-    report = await cleanup(services.engine, now=now, retention=RETENTION, failure_window=WINDOW, batch=2)
+    report = await cleanup(services.db, now=now, retention=RETENTION, failure_window=WINDOW, batch=2)
     families_after, tokens_after = await _rows(harness)
     assert set(families_after) == {live.family_id}
     assert set(tokens_after) == {token_hash(live.token)}
@@ -227,7 +230,7 @@ async def test_cleanup_leaves_login_failures_that_still_matter(harness: IssuerHa
     async with engine.begin() as conn:
         for row in rows:
             await conn.execute(insert(login_failures).values(**{"locked_until": None, **row}))
-    report = await cleanup(engine, now=now, retention=RETENTION, failure_window=WINDOW, batch=2)
+    report = await cleanup(harness.services.db, now=now, retention=RETENTION, failure_window=WINDOW, batch=2)
     async with engine.connect() as conn:
         left = set((await conn.execute(select(login_failures.c.email))).scalars())
     assert left == {"old-still-locked@example.com", "recent@example.com", "recent-locked@example.com"}
@@ -242,7 +245,7 @@ async def test_cleanup_never_touches_a_live_family_however_old(harness: IssuerHa
     chain = await world.login(0)
     for offset in range(300, SESSION_MAX_AGE - 300, 300):
         await world.refresh(chain, offset)
-        await cleanup(services.engine, now=world.at(offset), retention=timedelta(0), failure_window=WINDOW, batch=1)
+        await cleanup(services.db, now=world.at(offset), retention=timedelta(0), failure_window=WINDOW, batch=1)
         families_after, tokens_after = await _rows(harness)
         assert chain.family_id in families_after
         assert token_hash(chain.token) in tokens_after
@@ -282,7 +285,6 @@ REPORT = re.compile(r"deleted (\d+) refresh token\(s\), (\d+) session\(s\), (\d+
 async def test_cleanup_cli(
     settings: Settings,
     clock: FakeClock,
-    pg_url: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -338,18 +340,14 @@ async def test_cleanup_cli_database_unreachable(
     assert result.err_lines[0].startswith("issuer: cannot reach the database")
 
 
-async def test_cleanup_drops_only_idle_rate_buckets(pg_url: str) -> None:
-    engine = create_engine(pg_url)
-    try:
-        limiter = SharedRateLimiter(engine, 10, "login+register")
-        start = datetime(2030, 1, 1, tzinfo=UTC)
-        assert await limiter.acquire("192.0.2.1", start) == 0
-        assert await limiter.acquire("192.0.2.2", start + timedelta(minutes=59)) == 0
-        await cleanup(
-            engine, now=start + timedelta(hours=1, seconds=1), retention=timedelta(0), failure_window=timedelta(hours=1)
-        )
-        async with engine.connect() as conn:
-            left = set((await conn.execute(select(rate_buckets.c.bucket))).scalars())
-        assert left == {"login+register:192.0.2.2"}
-    finally:
-        await engine.dispose()
+async def test_cleanup_drops_only_idle_rate_buckets(db: Database, engine: AsyncEngine) -> None:
+    limiter = SharedRateLimiter(db, 10, "login+register")
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    assert await limiter.acquire("192.0.2.1", start) == 0
+    assert await limiter.acquire("192.0.2.2", start + timedelta(minutes=59)) == 0
+    await cleanup(
+        db, now=start + timedelta(hours=1, seconds=1), retention=timedelta(0), failure_window=timedelta(hours=1)
+    )
+    async with engine.connect() as conn:
+        left = set((await conn.execute(select(rate_buckets.c.bucket))).scalars())
+    assert left == {"login+register:192.0.2.2"}
