@@ -1,0 +1,1 @@
+"""Sessions, i.e. refresh-token families: start, rotate, grace replay, reuse detection, revocation."""
