@@ -102,7 +102,9 @@ def create_app(
             )
         )
     app = Starlette(
-        routes=[*auth.routes, *wellknown.routes, *health.routes],
+        # Starlette tries routes in order, so the most requested come first: the documents every gateway
+        # fetches, then /auth/me and refresh (``auth.routes`` is ordered the same way).
+        routes=[*wellknown.routes, *auth.routes, *health.routes],
         middleware=middleware,
         exception_handlers={
             IssuerError: render_error,

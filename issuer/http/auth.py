@@ -337,13 +337,14 @@ def _iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
+# Most requested first (the router tries them in order).
 routes = [
-    Route("/auth/register", register, methods=["POST"]),
-    Route("/auth/login", login, methods=["POST"]),
+    Route("/auth/me", UserInfo(), methods=["GET"]),
     Route("/auth/refresh", refresh, methods=["POST"]),
+    Route("/auth/login", login, methods=["POST"]),
+    Route("/auth/register", register, methods=["POST"]),
     Route("/auth/logout", logout, methods=["POST"]),
     Route("/auth/logout-all", logout_all, methods=["POST"]),
-    Route("/auth/me", UserInfo(), methods=["GET"]),
     Route("/auth/sessions", list_sessions, methods=["GET"]),
     Route("/auth/sessions/{session_id}", revoke_session, methods=["DELETE"]),
     Route("/auth/account", delete_account, methods=["DELETE"]),
