@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 DEV_KEK_PATH = Path("keys") / "dev-kek"
 
 
@@ -266,12 +269,19 @@ def _database_url(env: Mapping[str, str]) -> str:
             "DATABASE_URL: not set; give the PostgreSQL URL (postgresql://user@host:5432/dbname); "
             "`make run` starts an embedded PostgreSQL when it is unset"
         )
+    # Nothing but the scheme is ever echoed: the rest may hold a password.
     scheme, separator, _ = value.partition("://")
     if not separator:
         raise ConfigError("DATABASE_URL: not a URL (postgresql://user@host/dbname)")
     if scheme not in DATABASE_SCHEMES:
-        # Only the scheme is echoed: the rest may hold a password.
         raise ConfigError(f"DATABASE_URL: scheme {scheme!r} is not PostgreSQL's (postgresql://user@host/dbname)")
+    try:
+        # The parse the pool and Alembic use (issuer.storage.database.connect_arguments).
+        port = make_url(value).port
+    except (ArgumentError, ValueError):
+        raise ConfigError("DATABASE_URL: cannot be parsed as a URL (percent-encode special characters)") from None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError("DATABASE_URL: the port must be between 1 and 65535")
     return value
 
 

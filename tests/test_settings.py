@@ -233,6 +233,7 @@ def test_a_database_url_that_is_not_postgresql_is_refused_without_echoing_it(url
         "postgres://admin@db.internal.example/orders_prod",
         "postgresql+asyncpg://admin:hunter2-secret@db.internal.example/orders_prod",
         "postgresql:///orders_prod?host=/run/postgresql",
+        "postgresql://admin:hunter2-secret/#?x@db.internal.example:5432/orders_prod",
     ],
 )
 def test_postgresql_urls_are_accepted_as_given(url: str, dev_kek_path: Path) -> None:
@@ -371,3 +372,19 @@ def test_kek_never_shows_in_repr_or_str(source: str, tmp_path: Path, dev_kek_pat
     for where, text in renderings.items():
         for name, encoded in encodings.items():
             assert encoded not in text, f"{name} of the KEK in {where}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("postgresql://admin:hunter2-secret@db.internal.example:99999/orders_prod", id="port-too-large"),
+        pytest.param("postgresql://admin:hunter2-secret@db.internal.example:0/orders_prod", id="port-zero"),
+        pytest.param("postgresql://admin:hunter2-secret@db.internal.example:http/orders_prod", id="port-not-a-number"),
+    ],
+)
+def test_a_database_url_that_cannot_be_used_is_refused_without_echoing_it(url: str, dev_kek_path: Path) -> None:
+    """Refused at start-up in one line, not later by the driver with a traceback quoting part of the URL."""
+    message = config_error(env({"DATABASE_URL": url}), dev_kek_path)
+    assert message.startswith("DATABASE_URL: "), message
+    for part in ("hunter2-secret", "db.internal.example", "orders_prod", "admin", "99999", "http"):
+        assert part not in message, (part, message)

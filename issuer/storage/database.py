@@ -24,9 +24,10 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 
 import asyncpg
+from sqlalchemy.engine import URL, make_url
 
 # Bounded waits: a dead database must produce a 503 within seconds, never a hung request.
 CONNECT_TIMEOUT = 5.0  # opening a connection
@@ -74,10 +75,24 @@ class Executor(Protocol):
     async def execute(self, statement: Statement, *args: object) -> str: ...
 
 
-def asyncpg_dsn(database_url: str) -> str:
-    """``DATABASE_URL`` as asyncpg takes it: the SQLAlchemy spelling ``postgresql+asyncpg://`` is accepted."""
-    scheme, sep, rest = database_url.partition("://")
-    return f"postgresql://{rest}" if sep and scheme in ("postgresql+asyncpg", "postgres") else database_url
+def sqlalchemy_url(database_url: str) -> URL:
+    """``DATABASE_URL`` parsed as SQLAlchemy (and so Alembic) parses it, with the asyncpg driver."""
+    return make_url(database_url).set(drivername="postgresql+asyncpg")
+
+
+def connect_arguments(database_url: str) -> dict[str, Any]:
+    """asyncpg's connect arguments for ``DATABASE_URL``, from the same parse Alembic uses.
+
+    The URL is not handed to asyncpg as a string: its own DSN parser reads a password holding ``/``, ``#``
+    or ``?`` as part of the port or the query (and failed quoting it), and passes ``?ssl=require`` to the
+    server as a setting instead of turning TLS on.
+    """
+    url = sqlalchemy_url(database_url)
+    arguments: dict[str, Any] = url.translate_connect_args(username="user", database="database")
+    # Query options (host=/run/postgresql, ssl=require, ...) are asyncpg's own keyword arguments, as with
+    # SQLAlchemy's asyncpg dialect; a repeated option keeps its last value.
+    arguments.update({name: value if isinstance(value, str) else value[-1] for name, value in url.query.items()})
+    return arguments
 
 
 class Database:
@@ -89,7 +104,7 @@ class Database:
     """
 
     def __init__(self, database_url: str, size: int) -> None:
-        self._dsn = asyncpg_dsn(database_url)
+        self._connect = connect_arguments(database_url)
         self._size = size
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
@@ -192,6 +207,9 @@ class Database:
                 if attempt == 2 or not isinstance(exc, (*_CONNECTION_LOST, asyncpg.InternalClientError)):
                     raise error from exc
                 continue
+            except BaseException:  # cancelled while BEGIN was in flight: the connection must go back
+                await self._release(conn)
+                raise
             return conn, transaction
         raise AssertionError("unreachable")
 
@@ -200,7 +218,7 @@ class Database:
         try:
             async with asyncio.timeout(POOL_TIMEOUT):
                 conn = await pool.acquire()
-        except _DRIVER_ERRORS as exc:  # connecting failed, or every connection stayed busy
+        except (*_DRIVER_ERRORS, ValueError, OverflowError) as exc:  # connecting failed, or every one stayed busy
             raise DatabaseUnavailable(type(exc).__name__) from exc
         return conn
 
@@ -215,13 +233,11 @@ class Database:
             if self._pool is None:
                 # min_size=0: the pool itself opens nothing until a statement needs a connection.
                 self._pool = await asyncpg.create_pool(
-                    self._dsn,
                     min_size=0,
                     max_size=self._size,
                     reset=_rollback_if_open,
                     max_inactive_connection_lifetime=300,
-                    timeout=CONNECT_TIMEOUT,
-                    command_timeout=COMMAND_TIMEOUT,
+                    **{"timeout": CONNECT_TIMEOUT, "command_timeout": COMMAND_TIMEOUT, **self._connect},
                 )
             return self._pool
 

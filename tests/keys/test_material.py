@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from issuer.http.app import create_app
 from issuer.keys.material import KeyDecryptionError, decrypt_private_key, new_key_record
 from issuer.settings import Secret, Settings
-from issuer.storage.database import asyncpg_dsn
+from issuer.storage.database import connect_arguments
 from issuer.storage.schema import signing_keys
 from tests.support.clock import FakeClock
 from tests.support.issuer import IssuerHarness, running_issuer, with_settings
@@ -85,7 +85,7 @@ async def refused_startup(settings: Settings, clock: FakeClock) -> KeyDecryption
 
 async def backends(database_url: str) -> set[int]:
     """The server processes connected to the test database now (other than the one asking)."""
-    conn = await asyncpg.connect(asyncpg_dsn(database_url), timeout=5)
+    conn = await asyncpg.connect(**connect_arguments(database_url), timeout=5)
     try:
         rows = await conn.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from issuer.storage import sessions, users
-from issuer.storage.database import Database, Executor, Row, Statement, asyncpg_dsn
+from issuer.storage.database import Database, Executor, Row, Statement, sqlalchemy_url
 from issuer.storage.schema import metadata, refresh_tokens
 from issuer.storage.sessions import Family
 from issuer.storage.users import User
@@ -67,7 +67,7 @@ async def solo(pg_url: str) -> AsyncIterator[Database]:
 @pytest.fixture
 async def engine(pg_url: str) -> AsyncIterator[AsyncEngine]:
     """The tests' own connection to the tables (no pool: nothing stays open between checks)."""
-    url = asyncpg_dsn(pg_url).replace("postgresql://", "postgresql+asyncpg://", 1)
+    url = sqlalchemy_url(pg_url)
     oracle = create_async_engine(url, poolclass=NullPool)
     try:
         yield oracle

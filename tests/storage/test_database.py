@@ -22,13 +22,14 @@ from issuer.storage.database import (
     Database,
     DatabaseUnavailable,
     Statement,
-    asyncpg_dsn,
+    connect_arguments,
     rows_affected,
 )
 from issuer.storage.schema import users as users_table
 from issuer.storage.users import DuplicateEmail
 from tests.storage.conftest import NOW, a_user, backend_pid, new_user, pool, wait_for_backends
 from tests.support.families import row_count
+from tests.support.faults import postgres_proxy
 
 DIVIDE_BY_ZERO = Statement("SELECT 1 / 0 AS never", retry_safe=True)
 
@@ -51,16 +52,28 @@ async def test_nothing_is_opened_until_a_statement_needs_it(pg_url: str) -> None
     assert db.open_connections() == 0
 
 
+WHOLE = {"host": "db.internal", "port": 5432, "user": "issuer", "password": "pw", "database": "issuer"}
+
+
 @pytest.mark.parametrize(
-    ("url", "dsn"),
+    ("url", "arguments"),
     [
-        ("postgresql://issuer:pw@db.internal:5432/issuer", "postgresql://issuer:pw@db.internal:5432/issuer"),
-        ("postgres://issuer:pw@db.internal:5432/issuer", "postgresql://issuer:pw@db.internal:5432/issuer"),
-        ("postgresql+asyncpg://issuer:pw@db.internal:5432/issuer", "postgresql://issuer:pw@db.internal:5432/issuer"),
+        ("postgresql://issuer:pw@db.internal:5432/issuer", WHOLE),
+        ("postgres://issuer:pw@db.internal:5432/issuer", WHOLE),
+        ("postgresql+asyncpg://issuer:pw@db.internal:5432/issuer", WHOLE),
+        # asyncpg's own DSN parser read these passwords as part of the port or the query, and failed quoting
+        # them; the URL is parsed as SQLAlchemy and Alembic parse it.
+        ("postgresql://issuer:s3cr/et@db.internal:5432/issuer", {**WHOLE, "password": "s3cr/et"}),
+        ("postgresql://issuer:s3cr#et@db.internal:5432/issuer", {**WHOLE, "password": "s3cr#et"}),
+        ("postgresql://issuer:s3cr?et@db.internal:5432/issuer", {**WHOLE, "password": "s3cr?et"}),
+        ("postgresql://issuer:p%40ss%2Fw@db.internal:5432/issuer", {**WHOLE, "password": "p@ss/w"}),
+        # asyncpg passed ?ssl=require to the server as a setting, and every connection failed.
+        ("postgresql://issuer:pw@db.internal:5432/issuer?ssl=require", {**WHOLE, "ssl": "require"}),
+        ("postgresql:///issuer?host=/run/postgresql", {"database": "issuer", "host": "/run/postgresql"}),
     ],
 )
-def test_asyncpg_dsn_accepts_the_three_url_schemes(url: str, dsn: str) -> None:
-    assert asyncpg_dsn(url) == dsn
+def test_connect_arguments_parse_the_url_as_alembic_does(url: str, arguments: dict[str, object]) -> None:
+    assert connect_arguments(url) == arguments
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+asyncpg"])
@@ -257,3 +270,29 @@ async def test_closing_while_a_statement_runs_ends_promptly(pg_url: str, engine:
         with contextlib.suppress(DatabaseUnavailable):
             await running
     assert db.open_connections() == 0
+
+
+async def test_a_transaction_cancelled_during_its_begin_gives_its_connection_back(pg_url: str) -> None:
+    """A request cancelled (client gone, shutdown) while BEGIN is on the wire: its connection must return to
+    the pool, or asyncpg's close waits for it forever and the process cannot shut down."""
+    async with postgres_proxy() as proxy:
+        db = Database(proxy.url(pg_url), size=1)
+        try:
+            await db.ping()  # the pool's one connection, opened while the link flows
+
+            async def work() -> None:
+                async with db.transaction() as tx:
+                    await tx.fetch(DIVIDE_BY_ZERO)
+
+            proxy.stall()  # BEGIN goes out, and its answer is held
+            task = asyncio.create_task(work())
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            proxy.restore()
+            await db.ping()  # a leaked connection: the pool of one stays empty, DatabaseUnavailable
+        finally:
+            with contextlib.suppress(TimeoutError):  # a leak would hold close() forever: fail, don't hang
+                await asyncio.wait_for(db.close(), timeout=10)
+        assert db.open_connections() == 0

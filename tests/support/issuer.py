@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from issuer.http.app import create_app
 from issuer.services import Services
 from issuer.settings import Settings
-from issuer.storage.database import asyncpg_dsn
+from issuer.storage.database import sqlalchemy_url
 from tests.support.clock import FakeClock
 
 ISSUER_URL = "https://issuer.test"
@@ -46,7 +46,7 @@ class IssuerHarness:
     @property
     def engine(self) -> AsyncEngine:
         if self._engine is None:
-            url = asyncpg_dsn(self.services.settings.database_url).replace("postgresql://", "postgresql+asyncpg://", 1)
+            url = sqlalchemy_url(self.services.settings.database_url)
             self._engine = create_async_engine(url, pool_size=2)
         return self._engine
 
