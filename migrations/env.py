@@ -16,12 +16,13 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from issuer.settings import DATABASE_SCHEMES
+from issuer.storage.database import sqlalchemy_url
 from issuer.storage.schema import metadata
 
 config = context.config
 target_metadata = metadata
 
-ASYNC_DRIVER = "postgresql+asyncpg"
 CONNECT_TIMEOUT = 10.0  # seconds; asyncpg would otherwise wait a minute for an unreachable host
 
 
@@ -30,14 +31,12 @@ def _url() -> URL:
     if not raw:
         raise CommandError("no database URL: set DATABASE_URL (postgresql://user@host/db) or run `issuer migrate`")
     try:
-        url = make_url(raw)
+        driver = make_url(raw).drivername
     except ArgumentError:
         raise CommandError("the database URL is not a URL (e.g. postgresql://user@host/db)") from None
-    if url.drivername in ("postgresql", "postgres"):
-        return url.set(drivername=ASYNC_DRIVER)
-    if url.drivername != ASYNC_DRIVER:
-        raise CommandError(f"database driver {url.drivername!r} is not supported: the issuer runs on PostgreSQL only")
-    return url
+    if driver not in DATABASE_SCHEMES:
+        raise CommandError(f"database driver {driver!r} is not supported: the issuer runs on PostgreSQL only")
+    return sqlalchemy_url(raw)  # the pool's own parse: one reading of DATABASE_URL everywhere
 
 
 def _run(connection: Connection) -> None:
