@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc.jwk import RSAKey
 
 from issuer.verifier import AccessTokenVerifier, JWKSCache
 from tests.support.clock import FakeClock
-from tests.support.jwt import b64url, b64url_json, b64url_uint, kid_of
+from tests.support.jwt import b64url_uint, kid_of, rsa_signed
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "api"
@@ -87,17 +86,9 @@ def header_for(key: rsa.RSAPrivateKey, **changes: Any) -> dict[str, Any]:
     return changed({"alg": "RS256", "typ": "at+jwt", "kid": kid_of(key)}, changes)
 
 
-def sign(header: Mapping[str, Any], payload: Mapping[str, Any] | bytes, key: rsa.RSAPrivateKey) -> str:
-    """RS256 with cryptography directly, whatever the header says: tests build exactly the token they mean."""
-    body = payload if isinstance(payload, bytes) else json.dumps(payload, separators=(",", ":")).encode()
-    signing_input = f"{b64url_json(header)}.{b64url(body)}"
-    signature = key.sign(signing_input.encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
-    return f"{signing_input}.{b64url(signature)}"
-
-
 def mint(clock: FakeClock, key: rsa.RSAPrivateKey | None = None, **claim_changes: Any) -> str:
     key = key or private_key(0)
-    return sign(header_for(key), claims_for(clock, **claim_changes), key)
+    return rsa_signed(header_for(key), claims_for(clock, **claim_changes), key)
 
 
 # ---------------------------------------------------------------- a fake issuer

@@ -30,7 +30,7 @@ from issuer.verifier import (
     WrongType,
 )
 from tests.support.clock import FakeClock
-from tests.support.jwt import b64url, b64url_decode, b64url_json, kid_of
+from tests.support.jwt import b64url, b64url_decode, b64url_json, kid_of, rsa_signed
 from tests.support.verifier import (
     DELETE,
     ISSUER,
@@ -40,7 +40,6 @@ from tests.support.verifier import (
     header_for,
     private_key,
     public_jwk,
-    sign,
 )
 
 
@@ -64,7 +63,7 @@ class Forge:
 
     def sign(self, header: dict[str, Any] | None = None, payload: dict[str, Any] | bytes | None = None) -> str:
         """Validly signed by the real key: only the property under test is wrong."""
-        return sign(header or self.header(), self.claims if payload is None else payload, self.key)
+        return rsa_signed(header or self.header(), self.claims if payload is None else payload, self.key)
 
     def swap_header(self, **changes: Any) -> str:
         _, payload, signature = self.token.split(".")
@@ -246,4 +245,4 @@ def forge_for(clock: FakeClock) -> Forge:
     """A valid token signed by key 0 (the one the fake issuer publishes), and key 1 as the attacker's own."""
     key = private_key(0)
     claims = claims_for(clock)
-    return Forge(clock, key, private_key(1), claims, sign(header_for(key), claims, key))
+    return Forge(clock, key, private_key(1), claims, rsa_signed(header_for(key), claims, key))
