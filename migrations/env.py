@@ -2,6 +2,10 @@
 
 The URL comes from the caller (``issuer migrate`` sets ``config.attributes["database_url"]``) or, for ``alembic``
 run from the repository root, from DATABASE_URL. ``postgresql://`` and ``postgres://`` URLs get the asyncpg driver.
+
+The connection prepares no named statement (asyncpg's and SQLAlchemy's statement caches are off): migrations
+are rare and small, and so they also run through a transaction pooler (PgBouncer ``pool_mode = transaction``),
+where the whole upgrade is one transaction and so stays on one server connection (README, "Poolers").
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from issuer.settings import DATABASE_SCHEMES
-from issuer.storage.database import sqlalchemy_url
+from issuer.storage.database import InvalidDatabaseURL, sqlalchemy_url, url_options
 from issuer.storage.schema import metadata
 
 config = context.config
@@ -46,7 +50,21 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = create_async_engine(_url(), poolclass=pool.NullPool, connect_args={"timeout": CONNECT_TIMEOUT})
+    url = _url()
+    try:
+        options = url_options(url.query)  # typed as the pool types them: "?statement_cache_size=0" is a number
+    except InvalidDatabaseURL as exc:
+        raise CommandError(f"DATABASE_URL: {exc}") from None
+    engine = create_async_engine(
+        url.set(query={}),
+        poolclass=pool.NullPool,
+        connect_args={
+            "timeout": CONNECT_TIMEOUT,
+            **options,
+            "statement_cache_size": 0,  # asyncpg's
+            "prepared_statement_cache_size": 0,  # SQLAlchemy's
+        },
+    )
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

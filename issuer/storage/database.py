@@ -14,14 +14,34 @@ Failures are translated here, once, for every caller:
 - a constraint violation becomes :class:`ConstraintViolation`, which the storage module turns into its
   domain error; the connection is healthy and goes back to the pool;
 - any other error reported by the server fails the request with :class:`DatabaseUnavailable` and keeps the
-  connection.
+  connection;
+- a prepared statement the server does not know, or already knows under the same name, means a pooler is
+  moving this connection between server connections while its statement cache is on: that is
+  :class:`PoolerMisconfigured`, a 503 for a request and one line naming ``DATABASE_URL`` at start-up.
+
+Every :class:`DatabaseUnavailable` carries the driver's error class and the first line of its message
+(:func:`describe`): what the 503 log line shows. Neither ever holds the URL or its password.
+
+Transaction poolers (PgBouncer ``pool_mode = transaction``) hand each transaction, and each statement run
+outside one, to whichever server connection is free. asyncpg's statement cache names its prepared statements
+per client connection (``__asyncpg_stmt_1__``, ...), so behind such a pooler they land on server connections
+that another client already used ("prepared statement ... already exists") or miss the one that has them
+("... does not exist"), and a name can even stand for another client's statement there. The first connection
+a :class:`Database` opens therefore asks the server for its process id and compares it with the one the
+connection was given at start-up: a pooler answers the start-up itself (its own cancel key), so the two differ,
+and from then on every connection of that pool is opened with ``statement_cache_size=0``. asyncpg then sends
+each statement unnamed, parsed again in the same message batch as its Bind (one Sync), which a transaction
+pooler keeps on one server connection. The cost is a second round trip per statement (docs/performance.md).
+``statement_cache_size`` in ``DATABASE_URL`` overrides the detection either way (README, "Poolers").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
@@ -29,10 +49,15 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar
 import asyncpg
 from sqlalchemy.engine import URL, make_url
 
+from issuer.settings import ConfigError
+
 # Bounded waits: a dead database must produce a 503 within seconds, never a hung request.
 CONNECT_TIMEOUT = 5.0  # opening a connection
 COMMAND_TIMEOUT = 10.0  # one statement (asyncpg then cancels it in the server)
 POOL_TIMEOUT = 5.0  # waiting for a free pooled connection
+DESCRIPTION_LIMIT = 300  # characters of a driver's message kept in an error (and so in a log line)
+
+log = logging.getLogger("issuer")
 
 Row: TypeAlias = asyncpg.Record
 T = TypeVar("T")
@@ -54,7 +79,21 @@ TABLE_EXISTS = Statement("SELECT to_regclass($1) IS NOT NULL AS present", retry_
 
 
 class DatabaseUnavailable(Exception):
-    """The database could not run a statement; answered as a 503 the client may retry."""
+    """The database could not run a statement; answered as a 503 the client may retry. The message is
+    :func:`describe` of the driver's error (also its ``__cause__``)."""
+
+
+class PoolerMisconfigured(DatabaseUnavailable, ConfigError):
+    """A pooler between the issuer and PostgreSQL broke the driver's prepared statements (module docstring).
+
+    A request gets the 503 of any :class:`DatabaseUnavailable`; ``issuer`` commands (``serve`` checks the
+    database before it listens) print it as a configuration error: one line naming the cause and the setting.
+    """
+
+
+class InvalidDatabaseURL(ValueError):
+    """A ``DATABASE_URL`` query parameter asyncpg does not take, or a value it cannot use. The message names
+    the parameter, never its value (a value may be a password)."""
 
 
 class ConstraintViolation(Exception):
@@ -85,14 +124,131 @@ def connect_arguments(database_url: str) -> dict[str, Any]:
 
     The URL is not handed to asyncpg as a string: its own DSN parser reads a password holding ``/``, ``#``
     or ``?`` as part of the port or the query (and failed quoting it), and passes ``?ssl=require`` to the
-    server as a setting instead of turning TLS on.
+    server as a setting instead of turning TLS on. Raises :class:`InvalidDatabaseURL`.
     """
     url = sqlalchemy_url(database_url)
     arguments: dict[str, Any] = url.translate_connect_args(username="user", database="database")
-    # Query options (host=/run/postgresql, ssl=require, ...) are asyncpg's own keyword arguments, as with
-    # SQLAlchemy's asyncpg dialect; a repeated option keeps its last value.
-    arguments.update({name: value if isinstance(value, str) else value[-1] for name, value in url.query.items()})
+    arguments.update(url_options(url.query))
     return arguments
+
+
+def url_options(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, Any]:
+    """The query of ``DATABASE_URL`` as asyncpg's keyword arguments, each converted to the type asyncpg wants.
+
+    Query options (``host=/run/postgresql``, ``ssl=require``, ``statement_cache_size=0``, ...) are asyncpg's
+    own keyword arguments, as with SQLAlchemy's asyncpg dialect, but arrive as text: passed on as such, a
+    number crashed the first connection with a TypeError deep in asyncpg. A repeated option keeps its last
+    value; libpq's ``sslmode`` and ``application_name`` are accepted too. Anything else is refused here, at
+    start-up, rather than by the driver on the first request.
+    """
+    options: dict[str, Any] = {}
+    for name, raw in query.items():
+        value = raw if isinstance(raw, str) else raw[-1]
+        convert = _URL_OPTIONS.get(name)
+        if convert is None:
+            raise InvalidDatabaseURL(
+                f"unknown query parameter {name!r}; the driver (asyncpg) takes {', '.join(sorted(_URL_OPTIONS))}"
+            )
+        converted = convert(value)
+        if converted is None:
+            raise InvalidDatabaseURL(f"query parameter {name!r}: {_URL_OPTION_RULES[convert]}")
+        if name == "application_name":
+            options["server_settings"] = {"application_name": converted}
+        else:
+            options["ssl" if name == "sslmode" else name] = converted
+    return options
+
+
+def _count(value: str) -> int | None:
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _port(value: str) -> int | None:
+    port = _count(value)
+    return port if port is not None and 0 < port < 65536 else None
+
+
+def _seconds(value: str) -> float | None:
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+def _text(value: str) -> str | None:
+    return value or None
+
+
+def _ssl_mode(value: str) -> str | None:
+    return value if value in ("disable", "allow", "prefer", "require", "verify-ca", "verify-full") else None
+
+
+def _flag(value: str) -> bool | None:
+    return {"true": True, "1": True, "false": False, "0": False}.get(value.lower())
+
+
+def _session_attrs(value: str) -> str | None:
+    return value if value in ("any", "primary", "standby", "prefer-standby", "read-write", "read-only") else None
+
+
+def _gsslib(value: str) -> str | None:
+    return value if value in ("gssapi", "sspi") else None
+
+
+_URL_OPTION_RULES: dict[Callable[[str], object], str] = {
+    _count: "must be a whole number, 0 or more",
+    _port: "must be a port number between 1 and 65535",
+    _seconds: "must be a number of seconds greater than 0",
+    _text: "must not be empty",
+    _ssl_mode: "must be one of disable, allow, prefer, require, verify-ca, verify-full",
+    _flag: "must be true or false",
+    _session_attrs: "must be one of any, primary, standby, prefer-standby, read-write, read-only",
+    _gsslib: "must be gssapi or sspi",
+}
+_URL_OPTIONS: dict[str, Callable[[str], object]] = {
+    "host": _text,
+    "port": _port,
+    "user": _text,
+    "password": _text,
+    "database": _text,
+    "passfile": _text,
+    "ssl": _ssl_mode,
+    "sslmode": _ssl_mode,
+    "direct_tls": _flag,
+    "timeout": _seconds,
+    "command_timeout": _seconds,
+    "statement_cache_size": _count,
+    "max_cached_statement_lifetime": _count,
+    "max_cacheable_statement_size": _count,
+    "target_session_attrs": _session_attrs,
+    "krbsrvname": _text,
+    "gsslib": _gsslib,
+    "application_name": _text,
+}
+
+
+def describe(exc: BaseException) -> str:
+    """The driver's error class and the first line of its message, for a log line.
+
+    asyncpg's and the server's messages name objects, never the URL or its password; the detail lines
+    (which can quote a row's values) are left out.
+    """
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= DESCRIPTION_LIMIT else text[: DESCRIPTION_LIMIT - 3] + "..."
+
+
+async def behind_pooler(conn: asyncpg.Connection) -> bool:
+    """Whether ``conn`` reaches PostgreSQL through a pooler: the server process running its statements is not
+    the one whose id the connection got at start-up (a pooler answers the start-up with its own cancel key).
+
+    One round trip, on an unnamed statement: a named one would itself be left behind on a pooled server
+    connection. A TCP proxy forwards the server's own start-up answer, so it counts as direct.
+    """
+    statement = await conn.prepare("SELECT pg_backend_pid()", name="")
+    server_pid = await statement.fetchval()
+    return bool(server_pid != conn.get_server_pid())
 
 
 class Database:
@@ -100,15 +256,24 @@ class Database:
 
     No connection is opened at start-up, so a database that is down at boot is a 503 per request, not a
     crash. Released connections are not reset with a round trip: nothing here leaves session state behind
-    (no SET, LISTEN or advisory locks), and a transaction left open by a failure is rolled back on release.
+    (no SET, LISTEN or advisory locks), and a transaction left open by a failure is rolled back on release;
+    that is also what lets the pool work through a transaction pooler (module docstring).
     """
 
     def __init__(self, database_url: str, size: int) -> None:
-        self._connect = connect_arguments(database_url)
+        try:
+            self._arguments = connect_arguments(database_url)
+        except InvalidDatabaseURL as exc:  # settings validate the URL first; this is for URLs built in code
+            raise ConfigError(f"DATABASE_URL: {exc}") from None
         self._size = size
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
         self._closed = False
+        # Whether the connections go through a pooler; None until the first connection has told (or the URL
+        # sets statement_cache_size, which then decides alone).
+        self._behind_pooler: bool | None = None
+        self._detecting = asyncio.Lock()
+        self._cache_explicit = "statement_cache_size" in self._arguments
 
     async def fetch(self, statement: Statement, *args: object) -> list[Row]:
         """Run one statement in autocommit, in one round trip, and return its rows."""
@@ -132,8 +297,10 @@ class Database:
             try:
                 yield Transaction(conn)
             except BaseException:
-                if not conn.is_closed():
-                    with contextlib.suppress(*_DRIVER_ERRORS):
+                # A connection terminated by the failure is already back in the pool: even asking whether it
+                # is closed raises then.
+                with contextlib.suppress(*_DRIVER_ERRORS):
+                    if not conn.is_closed():
                         await transaction.rollback()
                 raise
             try:
@@ -150,6 +317,12 @@ class Database:
     async def has_table(self, name: str) -> bool:
         row = await self.fetchrow(TABLE_EXISTS, name)
         return row is not None and bool(row["present"])
+
+    @property
+    def behind_pooler(self) -> bool | None:
+        """Whether the first connection found a pooler in front of PostgreSQL (None before it, or when
+        ``statement_cache_size`` in ``DATABASE_URL`` took the decision)."""
+        return self._behind_pooler
 
     def open_connections(self) -> int:
         """Connections open now, idle or in use; one the server has closed no longer counts once its close
@@ -218,8 +391,13 @@ class Database:
         try:
             async with asyncio.timeout(POOL_TIMEOUT):
                 conn = await pool.acquire()
+        except TimeoutError as exc:
+            raise DatabaseUnavailable(
+                f"TimeoutError: no connection within {POOL_TIMEOUT:g} s (all {self._size} busy, or the server "
+                "does not answer)"
+            ) from exc
         except (*_DRIVER_ERRORS, ValueError, OverflowError) as exc:  # connecting failed, or every one stayed busy
-            raise DatabaseUnavailable(type(exc).__name__) from exc
+            raise _translated(None, exc) from exc
         return conn
 
     async def _release(self, conn: Connection) -> None:
@@ -235,11 +413,36 @@ class Database:
                 self._pool = await asyncpg.create_pool(
                     min_size=0,
                     max_size=self._size,
+                    connect=self._connect,
                     reset=_rollback_if_open,
                     max_inactive_connection_lifetime=300,
-                    **{"timeout": CONNECT_TIMEOUT, "command_timeout": COMMAND_TIMEOUT, **self._connect},
+                    **{"timeout": CONNECT_TIMEOUT, "command_timeout": COMMAND_TIMEOUT, **self._arguments},
                 )
             return self._pool
+
+    async def _connect(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        """The pool's way to open a connection: the first one finds out whether a pooler is in between, and
+        every one after it through a pooler has its statement cache off (module docstring)."""
+        if self._behind_pooler is None and not self._cache_explicit:
+            async with self._detecting:
+                if self._behind_pooler is None:
+                    conn: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+                    try:
+                        pooled = await behind_pooler(conn)
+                    except BaseException:
+                        conn.terminate()
+                        raise
+                    self._behind_pooler = pooled
+                    if not pooled:
+                        return conn
+                    log.info(
+                        "DATABASE_URL leads to a connection pooler: prepared-statement caching is off (README, Poolers)"
+                    )
+                    await conn.close()
+        if self._behind_pooler and not self._cache_explicit:
+            kwargs["statement_cache_size"] = 0
+        connection: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+        return connection
 
 
 class Transaction:
@@ -273,18 +476,37 @@ async def _rollback_if_open(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-def _translated(conn: Connection, exc: BaseException) -> Exception:
+def _translated(conn: Connection | None, exc: BaseException) -> Exception:
     """The storage error for a driver error; a broken connection is terminated so the pool replaces it.
 
     A statement that timed out is not reused either (asyncpg has already asked the server to cancel it):
-    in a network partition it would only time out again.
+    in a network partition it would only time out again. Nor is a connection whose prepared statements a
+    pooler has mixed up: its cache no longer matches the server connection behind it.
     """
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return ConstraintViolation(exc.constraint_name)
-    if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, _CONNECTION_LOST):
+    misconfigured = _pooler_mixup(exc)
+    if conn is not None and (
+        misconfigured or not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, _CONNECTION_LOST)
+    ):
         with contextlib.suppress(asyncpg.InterfaceError):  # a closed one is already back in the pool
             conn.terminate()
-    return DatabaseUnavailable(type(exc).__name__)
+    if misconfigured:
+        return PoolerMisconfigured(
+            "DATABASE_URL: a connection pooler in transaction or statement mode (PgBouncer pool_mode = "
+            "transaction) is passing this connection between server connections, which breaks the driver's "
+            f"prepared statements ({describe(exc)}); remove statement_cache_size from DATABASE_URL or set it "
+            "to 0 (README, Poolers)"
+        )
+    return DatabaseUnavailable(describe(exc))
+
+
+def _pooler_mixup(exc: BaseException) -> bool:
+    """A prepared statement of this connection missing, already there, or with other parameters: the server
+    connection behind it changed (a pooler), as the statement cache never loses track of its own."""
+    if isinstance(exc, (asyncpg.exceptions.DuplicatePreparedStatementError, asyncpg.InvalidSQLStatementNameError)):
+        return True
+    return isinstance(exc, asyncpg.exceptions.ProtocolViolationError) and "prepared statement" in str(exc)
 
 
 def _refuse_naive(args: tuple[object, ...]) -> None:

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from issuer.settings import ConfigError, Settings
 from issuer.storage import users
 from issuer.storage.database import (
     ConstraintViolation,
@@ -296,3 +297,78 @@ async def test_a_transaction_cancelled_during_its_begin_gives_its_connection_bac
             with contextlib.suppress(TimeoutError):  # a leak would hold close() forever: fail, don't hang
                 await asyncio.wait_for(db.close(), timeout=10)
         assert db.open_connections() == 0
+
+
+# ---------------------------------------------------------------- DATABASE_URL query parameters
+
+
+@pytest.mark.parametrize(
+    ("query", "options"),
+    [
+        # The issue's crash: asyncpg got the text "0" and compared it with an int on the first connection.
+        ("statement_cache_size=0", {"statement_cache_size": 0}),
+        ("command_timeout=2.5&timeout=3", {"command_timeout": 2.5, "timeout": 3.0}),
+        (
+            "max_cached_statement_lifetime=60&max_cacheable_statement_size=4096",
+            {"max_cached_statement_lifetime": 60, "max_cacheable_statement_size": 4096},
+        ),
+        ("sslmode=verify-full", {"ssl": "verify-full"}),
+        ("direct_tls=true&target_session_attrs=read-write", {"direct_tls": True, "target_session_attrs": "read-write"}),
+        ("application_name=issuer-a", {"server_settings": {"application_name": "issuer-a"}}),
+        ("port=6432&host=pgbouncer.internal", {"port": 6432, "host": "pgbouncer.internal"}),
+    ],
+)
+def test_query_parameters_become_typed_driver_arguments(query: str, options: dict[str, object]) -> None:
+    assert connect_arguments(f"postgresql://issuer@db.internal/issuer?{query}") == {
+        "host": "db.internal",
+        "user": "issuer",
+        "database": "issuer",
+        **options,
+    }
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        ("statement_cache_size=-1", "'statement_cache_size': must be a whole number"),
+        ("statement_cache_size=hunter2-secret", "'statement_cache_size': must be a whole number"),
+        ("command_timeout=0", "'command_timeout': must be a number of seconds greater than 0"),
+        ("command_timeout=nan", "'command_timeout': must be a number of seconds greater than 0"),
+        ("port=99999", "'port': must be a port number"),
+        ("ssl=hunter2-secret", "'ssl': must be one of disable"),
+        ("direct_tls=maybe", "'direct_tls': must be true or false"),
+        ("pool_mode=transaction", "unknown query parameter 'pool_mode'"),
+        ("sslrootcert=/etc/ca.pem", "unknown query parameter 'sslrootcert'"),
+    ],
+)
+def test_query_parameters_the_driver_cannot_use_stop_start_up_in_one_line(query: str, needle: str) -> None:
+    """Refused by the settings with one line naming DATABASE_URL and the parameter, never echoing a value."""
+    url = f"postgresql://admin:hunter2-secret@db.internal.example/orders_prod?{query}"
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_environ({"DATABASE_URL": url, "ISSUER_KEK": "A" * 43})
+    message = str(raised.value)
+    assert message.startswith("DATABASE_URL: "), message
+    assert needle in message, message
+    assert "\n" not in message
+    for secret in ("hunter2-secret", "db.internal.example", "orders_prod", "/etc/ca.pem"):
+        assert secret not in message, message
+
+
+async def test_a_url_with_driver_parameters_reaches_the_server(pg_url: str) -> None:
+    url = f"{pg_url}?statement_cache_size=0&command_timeout=5&application_name=issuer-test"
+    async with pool(url, 1) as db:
+        row = await db.fetchrow(Statement("SELECT current_setting('application_name') AS name"))
+        assert row is not None
+        assert row["name"] == "issuer-test"
+        assert db.behind_pooler is None  # the URL decided: no detection
+
+
+async def test_a_direct_connection_keeps_its_statement_cache(solo: Database) -> None:
+    """Directly (and through a TCP proxy: tests/pooler/test_pool.py) nothing is given up: the pool finds no
+    pooler, and a statement run twice is prepared once."""
+    await solo.ping()
+    assert solo.behind_pooler is False
+    prepared = Statement("SELECT pg_prepared_statements.name FROM pg_prepared_statements", retry_safe=True)
+    await solo.fetch(prepared)
+    names = [row["name"] for row in await solo.fetch(prepared)]
+    assert any(name.startswith("__asyncpg_stmt_") for name in names), names
