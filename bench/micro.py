@@ -1,12 +1,14 @@
-"""In-process micro-benchmarks: token verification, and the argon2id bound of the login path."""
+"""In-process micro-benchmarks: token verification, the argon2id bound of the login path, an audit line."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +21,8 @@ from joserfc.util import urlsafe_b64decode
 
 from bench.rounds import mirrored
 from issuer.accounts.passwords import argon2id
+from issuer.audit import AuditLog
+from issuer.logs import JsonStreamHandler
 from issuer.settings import Argon2Params
 from issuer.verifier import AccessTokenVerifier, JWKSCache
 
@@ -116,3 +120,39 @@ def argon2_bound(params: Argon2Params, seconds: float) -> float:
     with ThreadPoolExecutor(HASH_THREADS) as pool:
         total = sum(pool.map(lambda _: worker(), range(HASH_THREADS)))
     return total / (time.perf_counter() - started)
+
+
+def audit_line_cpu(log: Path, seconds: float) -> float:
+    """CPU seconds (user and system, so the write to the file counts) of one audit line of a successful
+    refresh, as ``issuer serve`` writes it: ``issuer.audit.audit`` into a ``JsonStreamHandler`` on a file, like
+    the bench server's stderr. A private logger, so the process's logging configuration is left alone."""
+    logger = logging.getLogger("bench.audit")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    with log.open("a") as sink:
+        handler = JsonStreamHandler(sink)
+        logger.addHandler(handler)
+        try:
+            line = AuditLog(logger)
+
+            def one() -> None:
+                line(
+                    "refresh",
+                    "success",
+                    user_id="0b6f7d1e-3c52-4d6e-9a43-5f0c6a1d2e77",
+                    ip="203.0.113.7",
+                    user_agent="Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0",
+                    session_id="8d1e0c4b-7a2f-4e9b-b1d3-2c6f5e8a9b10",
+                    replayed=False,
+                )
+
+            for _ in range(1000):
+                one()
+            calls, started = 0, time.process_time()
+            while (elapsed := time.process_time() - started) < seconds:
+                for _ in range(1000):
+                    one()
+                calls += 1000
+        finally:
+            logger.removeHandler(handler)
+    return elapsed / calls

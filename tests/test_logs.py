@@ -1,9 +1,11 @@
-"""Logs never carry passwords, access tokens or refresh tokens, in the message or in any extra attribute."""
+"""Logs never carry passwords, access tokens or refresh tokens, in the message or in any extra attribute; and
+every line, not only the audit trail's, is one ECS object (the audit lines' own shape: tests/test_audit.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import sys
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from issuer.logs import JsonFormatter
+from issuer.logs import ECS_VERSION, JsonFormatter
 from issuer.settings import encode_kek
 from tests.support.http import PASSWORD, assert_error, bearer, login, refresh_body, register
 from tests.support.issuer import IssuerHarness
@@ -158,7 +160,9 @@ async def test_no_secrets_in_logs(
 
     # The capture works: the audit trail of this flow is in it, with its extras.
     events = {getattr(record, "event", None) for record in captured.records}
-    assert {"register", "login", "login_failed", "refresh_reuse", "logout", "logout_all", "account_deleted"} <= events
+    assert {"register", "login", "refresh", "refresh_reuse", "logout", "logout_all", "account_deleted"} <= events
+    outcomes = {(getattr(r, "event", None), getattr(r, "outcome", None)) for r in captured.records}
+    assert {("login", "failure"), ("refresh", "failure"), ("refresh", "success")} <= outcomes
     assert any(user["id"] in line for line in captured.lines)
     assert caplog.records
 
@@ -178,7 +182,7 @@ def test_a_log_entry_is_one_line_whatever_the_client_sent(separator: str) -> Non
     record.user_agent = f'evil{separator}{{"event": "login", "user_id": "admin"}}'
     line = formatter.format(record)
     assert line.splitlines() == [line]
-    assert json.loads(line)["user_agent"] == record.user_agent
+    assert json.loads(line)["issuer"]["user_agent"] == record.user_agent
 
 
 # ---------------------------------------------------------------- the JSON formatter
@@ -197,12 +201,23 @@ def test_json_formatter_one_line_with_fields() -> None:
     )
     assert "\n" not in line
     parsed = json.loads(line)
-    assert parsed["msg"] == "login ok"
-    assert parsed["level"] == "info"
-    assert parsed["logger"] == "issuer.audit"
-    assert parsed["ts"].endswith("Z")
-    assert {"event": "login", "user_id": "u-1", "family_id": "f-1", "ip": "192.0.2.1", "n": 3}.items() <= parsed.items()
-    assert parsed["user_agent"] == "UA\nwith newline"
+    assert list(parsed)[:4] == ["@timestamp", "log.level", "message", "ecs.version"]  # the ecs-logging order
+    assert parsed["message"] == "login ok"
+    assert parsed["log.level"] == "info"
+    assert parsed["log"] == {"logger": "issuer.audit"}
+    assert parsed["ecs.version"] == ECS_VERSION
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", parsed["@timestamp"])
+    # Fields ECS does not define stay in the issuer's own namespace, never at the top level.
+    assert {"event": "login", "user_id": "u-1", "family_id": "f-1", "ip": "192.0.2.1", "n": 3}.items() <= parsed[
+        "issuer"
+    ].items()
+    assert parsed["issuer"]["user_agent"] == "UA\nwith newline"
+
+
+def test_json_formatter_timestamp_is_the_records_time_in_utc() -> None:
+    record = _record()
+    record.created = 1_700_000_000.25  # fixed, not the wall clock
+    assert json.loads(JsonFormatter().format(record))["@timestamp"] == "2023-11-14T22:13:20.250Z"
 
 
 @pytest.mark.parametrize(
@@ -223,9 +238,9 @@ def test_json_formatter_drops_secret_named_extras(name: str) -> None:
     secret = secrets.token_urlsafe(24)
     line = JsonFormatter().format(_record(event="login", **{name: secret}))
     parsed = json.loads(line)
-    assert name not in parsed
+    assert name not in parsed["issuer"]
     assert secret not in line
-    assert parsed["event"] == "login"
+    assert parsed["issuer"]["event"] == "login"
 
 
 def test_json_formatter_exception_stays_one_line() -> None:
@@ -235,10 +250,12 @@ def test_json_formatter_exception_stays_one_line() -> None:
         record = logging.LogRecord("issuer", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     line = JsonFormatter().format(record)
     assert "\n" not in line
-    assert "ValueError" in json.loads(line)["exc"]
+    error = json.loads(line)["error"]
+    assert error["type"] == "ValueError"
+    assert error["message"] == "boom\nsecond line"
+    assert "Traceback" in error["stack_trace"]
 
 
 def test_json_formatter_non_json_values_become_strings() -> None:
-    parsed = json.loads(JsonFormatter().format(_record(when=timedelta(seconds=5), items=[1, 2])))
-    assert parsed["when"] == "0:00:05"
-    assert parsed["items"] == "[1, 2]"
+    parsed = json.loads(JsonFormatter().format(_record(when=timedelta(seconds=5), items=[1, 2], nan=float("nan"))))
+    assert parsed["issuer"] == {"when": "0:00:05", "items": "[1, 2]", "nan": "nan"}

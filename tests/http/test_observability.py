@@ -381,8 +381,13 @@ class AuditCapture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
 
-    def events(self, event: str) -> list[logging.LogRecord]:
-        return [r for r in self.records if getattr(r, "event", None) == event]
+    def events(self, event: str, outcome: str | None = None) -> list[logging.LogRecord]:
+        """Records of one audit action (``event.action``), of one outcome when given."""
+        return [
+            r
+            for r in self.records
+            if getattr(r, "event", None) == event and outcome in (None, getattr(r, "outcome", None))
+        ]
 
 
 @pytest.fixture
@@ -402,8 +407,8 @@ def audit() -> Iterator[AuditCapture]:
             lg.setLevel(level)
 
 
-def one(audit: AuditCapture, event: str, logger: str = "issuer.audit") -> logging.LogRecord:
-    records = audit.events(event)
+def one(audit: AuditCapture, event: str, outcome: str | None = None, logger: str = "issuer.audit") -> logging.LogRecord:
+    records = audit.events(event, outcome)
     assert len(records) == 1, (event, [r.__dict__ for r in records])
     assert records[0].name == logger
     return records[0]
@@ -413,21 +418,19 @@ def cookie_value(response: httpx.Response) -> str:
     return set_cookie_attributes(response)["refresh_token"]
 
 
-async def test_routine_refreshes_are_counted_not_logged_unless_asked(
-    settings: Settings, clock: FakeClock, audit: AuditCapture
-) -> None:
-    """LOG_REFRESHES=false (the default): a rotation is a metric, a replay in the grace window is a line."""
+async def test_every_refresh_is_a_metric_and_a_line(settings: Settings, clock: FakeClock, audit: AuditCapture) -> None:
+    """A rotation and a replay in the grace window are each counted and each logged, with no setting."""
     async with running_issuer(settings, clock) as harness, harness.client() as client:
         await register(client)
         first = (await login(client))["refresh_token"]
         rotated = await refresh_body(client, first)
         assert rotated.status_code == 200
-        assert audit.events("refresh") == []
+        assert [r.replayed for r in audit.events("refresh", "success")] == [False]  # type: ignore[attr-defined]
         replayed = await refresh_body(client, first)  # inside REFRESH_REUSE_GRACE: the same successor
         assert replayed.json()["refresh_token"] == rotated.json()["refresh_token"]
         samples = await scrape(client)
-    [line] = audit.events("refresh")
-    assert line.replayed is True  # type: ignore[attr-defined]
+    lines = audit.events("refresh", "success")
+    assert [line.replayed for line in lines] == [False, True]  # type: ignore[attr-defined]
     assert value(samples, "issuer_refreshes_total", outcome="success") == 1
     assert value(samples, "issuer_refreshes_total", outcome="replayed") == 1
 
@@ -436,7 +439,7 @@ async def test_audit_trail_one_record_per_event(
     settings: Settings, clock: FakeClock, audit: AuditCapture, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    configured = with_settings(settings, login_lockout_threshold=1, refresh_reuse_grace=0, log_refreshes=True)
+    configured = with_settings(settings, login_lockout_threshold=1, refresh_reuse_grace=0)
     passwords = [PASSWORD, WRONG]
     access_tokens: list[str] = []
     refresh_tokens: list[str] = []
@@ -498,30 +501,31 @@ async def test_audit_trail_one_record_per_event(
     record = one(audit, "register")
     assert record.user_id == user_id  # type: ignore[attr-defined]
 
-    record = one(audit, "login_failed")
+    record = one(audit, "login", "failure")
     assert (record.ip, record.user_agent) == (AUDIT_IP, USER_AGENT)  # type: ignore[attr-defined]
     record = one(audit, "login_locked")
     assert (record.ip, record.user_agent) == (AUDIT_IP, USER_AGENT)  # type: ignore[attr-defined]
 
-    logins = audit.events("login")
+    logins = audit.events("login", "success")
     assert len(logins) == 5
     first_login = logins[0]
     assert first_login.user_id == user_id  # type: ignore[attr-defined]
-    assert first_login.family_id == family_id  # type: ignore[attr-defined]
+    assert first_login.session_id == family_id  # type: ignore[attr-defined]
     assert (first_login.ip, first_login.user_agent) == (AUDIT_IP, USER_AGENT)  # type: ignore[attr-defined]
 
-    record = one(audit, "refresh")
-    assert (record.user_id, record.family_id, record.ip) == (user_id, family_id, AUDIT_IP)  # type: ignore[attr-defined]
+    record = one(audit, "refresh", "success")
+    assert (record.user_id, record.session_id, record.ip) == (user_id, family_id, AUDIT_IP)  # type: ignore[attr-defined]
+    assert one(audit, "refresh", "failure").ip == AUDIT_IP  # type: ignore[attr-defined]
 
     record = one(audit, "refresh_reuse")
     assert record.levelno >= logging.WARNING
-    assert (record.family_id, record.user_id) == (family_id, user_id)  # type: ignore[attr-defined]
+    assert (record.session_id, record.user_id) == (family_id, user_id)  # type: ignore[attr-defined]
     assert (record.ip, record.user_agent) == (AUDIT_IP, USER_AGENT)  # type: ignore[attr-defined]
 
     record = one(audit, "logout")
-    assert record.family_id == cookie_family  # type: ignore[attr-defined]
+    assert record.session_id == cookie_family  # type: ignore[attr-defined]
     record = one(audit, "session_revoked")
-    assert (record.user_id, record.family_id) == (user_id, third_family)  # type: ignore[attr-defined]
+    assert (record.user_id, record.session_id) == (user_id, third_family)  # type: ignore[attr-defined]
     assert one(audit, "logout_all").user_id == user_id  # type: ignore[attr-defined]
     assert one(audit, "account_deleted").user_id == user_id  # type: ignore[attr-defined]
 
@@ -539,17 +543,16 @@ async def test_audit_trail_one_record_per_event(
     for record_, line in zip(caplog.records, lines, strict=True):
         assert "\n" not in line
         parsed = json.loads(line)
-        assert parsed["logger"] == record_.name
-        if hasattr(record_, "event"):
-            assert parsed["event"] == record_.event  # type: ignore[attr-defined]
+        assert parsed["log"]["logger"] == record_.name
+        if record_.name == "issuer.audit":
+            assert parsed["event"]["action"] == record_.event  # type: ignore[attr-defined]
     reuse_line = json.loads(formatter.format(one(audit, "refresh_reuse")))
-    assert {
-        "family_id": family_id,
-        "user_id": user_id,
-        "ip": AUDIT_IP,
-        "user_agent": USER_AGENT,
-        "event": "refresh_reuse",
-    }.items() <= reuse_line.items()
+    assert reuse_line["event"]["action"] == "refresh_reuse"
+    assert reuse_line["event"]["outcome"] == "failure"
+    assert reuse_line["issuer"]["session_id"] == family_id
+    assert reuse_line["user"] == {"id": user_id}
+    assert reuse_line["source"] == {"ip": AUDIT_IP}
+    assert reuse_line["user_agent"] == {"original": USER_AGENT}
     _assert_no_secret(lines, passwords, access_tokens, refresh_tokens)
 
 
@@ -608,7 +611,7 @@ async def test_no_secret_in_any_formatted_line_after_abuse_flow(
             await refresh_body(client, last["refresh_token"])
     formatter = JsonFormatter()
     lines = [formatter.format(record) for record in caplog.records]
-    assert any('"event": "refresh_reuse"' in line for line in lines)
-    assert any('"event": "login_locked"' in line for line in lines)
-    assert any('"event": "rate_limited"' in line for line in lines)
+    assert any('"action":"refresh_reuse"' in line for line in lines)
+    assert any('"action":"login_locked"' in line for line in lines)
+    assert any('"action":"rate_limited"' in line for line in lines)
     _assert_no_secret(lines, passwords, access, refresh)
