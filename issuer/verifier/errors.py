@@ -14,8 +14,14 @@
      |    +-- WrongIssuer           reason "wrong_issuer"
      |    +-- WrongAudience         reason "wrong_audience"
      |    +-- InvalidClaims         reason "invalid_claims"   (missing or mistyped claim)
-     +-- KeysUnavailable           reason "keys_unavailable": no usable JWKS (the issuer has been unreachable
-                                   for longer than the stale limit); not the token's fault, answer 503
+     |    +-- Revoked               reason "revoked"  (the revocation feed says so: session, logout-all, deletion)
+     +-- VerifierUnavailable       not the token's fault: answer 503 with Retry-After
+          +-- KeysUnavailable      reason "keys_unavailable": no usable JWKS (the issuer has been unreachable
+          |                        for longer than the stale limit)
+          +-- RevocationsUnavailable  reason "revocations_unavailable": the revocation feed is not synchronised,
+                                   or has been unreachable for longer than its bound, and its policy is "reject"
+
+Catch :class:`VerifierUnavailable` (not only :class:`KeysUnavailable`) to answer every 503 case.
 """
 
 from __future__ import annotations
@@ -87,13 +93,34 @@ class InvalidClaims(TokenError):
     message = "The access token is missing a required claim or has a malformed one."
 
 
-class KeysUnavailable(VerificationError):
+class Revoked(TokenError):
+    """The token is well formed and signed, but the issuer's revocation feed revoked it (or its session or user)."""
+
+    reason = "revoked"
+    message = "The access token has been revoked."
+
+
+class VerifierUnavailable(VerificationError):
+    """The token may well be valid, but this verifier cannot vouch for it right now: answer 503, not 401."""
+
+    reason = "unavailable"
+    message = "The token cannot be verified right now; retry shortly."
+
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        # Seconds until the verifier will try the issuer again; a hint for Retry-After.
+        self.retry_after = max(1, int(retry_after + 0.999))
+
+
+class KeysUnavailable(VerifierUnavailable):
     """The issuer's keys cannot be had: never fetched, or cached for longer than the stale limit allows."""
 
     reason = "keys_unavailable"
     message = "The issuer's signing keys are unavailable; retry shortly."
 
-    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        # Seconds until the cache will try the issuer again; a hint for Retry-After.
-        self.retry_after = max(1, int(retry_after + 0.999))
+
+class RevocationsUnavailable(VerifierUnavailable):
+    """The revocation feed is not synchronised (never, or not for longer than its bound) and the policy says reject."""
+
+    reason = "revocations_unavailable"
+    message = "The issuer's revocation feed is unavailable; retry shortly."

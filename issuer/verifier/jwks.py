@@ -130,6 +130,11 @@ class JWKSCache:
     def kids(self) -> frozenset[str]:
         return frozenset(self._keys)
 
+    @property
+    def usable(self) -> bool:
+        """True while keys are cached and within the stale limit: tokens can be checked (a readiness signal)."""
+        return bool(self._keys) and self._monotonic() < self._usable_until
+
     # ------------------------------------------------------------ lookups
 
     def peek(self, kid: str) -> RSAKey | None:

@@ -16,9 +16,14 @@ How failures are answered:
   credentials for this scheme); guarded routes answer 401 with ``WWW-Authenticate: Bearer``, open routes run.
 - a Bearer token that fails verification: 401 ``invalid_token`` with the reason in ``error_description``,
   on every route, guarded or not: a client that sent a bad token must learn it.
-- the JWKS cannot be had (issuer unreachable past the stale limit): 503 ``temporarily_unavailable`` with
-  ``Retry-After``. Fail closed, but honestly: a 401 would send every client to refresh its token at an
-  issuer that is down, and would not be true (the token may well be valid).
+- a token the revocation feed revoked (``Revoked``): 401 ``invalid_token``, "The access token has been revoked."
+- the JWKS cannot be had (issuer unreachable past the stale limit), or the revocation feed is stale and its
+  policy is ``reject`` (:class:`VerifierUnavailable`): 503 ``temporarily_unavailable`` with ``Retry-After``.
+  Fail closed, but honestly: a 401 would send every client to refresh its token at an issuer that is down,
+  and would not be true (the token may well be valid).
+
+``readiness(verifier)`` is an endpoint for a readiness probe: 200 once the keys are usable and the feed has
+synchronised, 503 before (with ``verifier.status()`` as the body either way).
 """
 
 from __future__ import annotations
@@ -26,17 +31,17 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, BaseUser
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
 
-from issuer.verifier.errors import KeysUnavailable, MalformedToken, VerificationError
+from issuer.verifier.errors import MalformedToken, VerificationError, VerifierUnavailable
 from issuer.verifier.verifier import AccessToken, AccessTokenVerifier
 
 _Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
@@ -104,9 +109,10 @@ class BearerAuthBackend(AuthenticationBackend):
 
 
 def on_auth_error(conn: HTTPConnection, exc: AuthenticationError) -> Response:
-    """``on_error`` for :class:`AuthenticationMiddleware`: 401 ``invalid_token``, or 503 when keys are unavailable."""
+    """``on_error`` for :class:`AuthenticationMiddleware`: 401 ``invalid_token``, or 503 when the verifier cannot
+    vouch for any token right now (keys unavailable, or a stale revocation feed under ``on_stale="reject"``)."""
     error = exc.error if isinstance(exc, BearerAuthError) else None
-    if isinstance(error, KeysUnavailable):
+    if isinstance(error, VerifierUnavailable):
         return _error(503, "temporarily_unavailable", error.detail, {"Retry-After": str(error.retry_after)})
     # Any other AuthenticationError is not ours to describe: answer the generic sentence, never its text.
     description = error.detail if error is not None else "The access token is invalid."
@@ -117,6 +123,16 @@ def on_auth_error(conn: HTTPConnection, exc: AuthenticationError) -> Response:
 def bearer_middleware(verifier: AccessTokenVerifier) -> Middleware:
     """The one line a Starlette app needs: ``Starlette(middleware=[bearer_middleware(verifier)])``."""
     return Middleware(AuthenticationMiddleware, backend=BearerAuthBackend(verifier), on_error=on_auth_error)
+
+
+def readiness(verifier: AccessTokenVerifier) -> Callable[[Request], Awaitable[Response]]:
+    """A readiness endpoint: ``Route("/readyz", readiness(verifier))``. 200 when ``verifier.ready``, else 503."""
+
+    async def endpoint(request: Request) -> Response:
+        ready = verifier.ready
+        return JSONResponse(verifier.status(), status_code=200 if ready else 503, headers={"Cache-Control": "no-store"})
+
+    return endpoint
 
 
 def requires_token(endpoint: _Endpoint) -> _Endpoint:
