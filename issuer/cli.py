@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -15,19 +16,30 @@ from typing import Any
 from urllib.parse import urlsplit
 
 # A resource service installs the package without the server's dependencies; `issuer` then says so in one line.
-SERVER_DEPENDENCIES = ("sqlalchemy", "asyncpg", "alembic", "argon2", "prometheus_client", "starlette")
+SERVER_DEPENDENCIES = (
+    "sqlalchemy",
+    "asyncpg",
+    "alembic",
+    "argon2",
+    "prometheus_client",
+    "starlette",
+    "email_validator",
+)
 _missing_server_dependency: str | None = None
 try:
     from sqlalchemy.exc import DBAPIError
 
     from issuer.accounts.lockout import LockoutPolicy
     from issuer.clock import system_clock
+    from issuer.errors import InvalidRequest
+    from issuer.events.feed import event_retention
     from issuer.keys.importing import KeyImportError, load_rsa_private_key
     from issuer.keys.manager import KeyManager
     from issuer.keys.material import KeyDecryptionError
     from issuer.keys.policy import KeyPlan, RotationRefused
     from issuer.keys.records import key_state
     from issuer.logs import uvicorn_log_config
+    from issuer.oauth.clients import ClientRegistry, parse_scopes
     from issuer.settings import ConfigError, Settings
     from issuer.storage.cleanup import cleanup
     from issuer.storage.database import Database, DatabaseUnavailable
@@ -57,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             if args.command == "dev" and not os.environ.get("DATABASE_URL"):
                 os.environ["DATABASE_URL"] = stack.enter_context(_embedded_database(args.data_dir))
+            if args.command == "dev":
+                # In the environment, not only in these settings: each uvicorn worker reads its own.
+                os.environ.setdefault("ACCOUNT_PAGE", "true")
             settings = Settings.from_environ()
             return args.handler(settings, args) or 0
     except (ConfigError, CommandError, KeyDecryptionError, RotationRefused, EmbeddedPostgresError) as exc:
@@ -161,6 +176,37 @@ def _parser() -> argparse.ArgumentParser:
         description="Delete keys past their retiring window. Revoked keys are kept, so they cannot be imported again.",
     )
     prune.set_defaults(handler=_keys_prune)
+
+    clients = commands.add_parser(
+        "clients",
+        help="manage resource servers' and gateways' credentials",
+        description="Manage the credentials of resource servers and gateways (introspection, revocation, "
+        "the security-event feed).",
+    )
+    client_commands = clients.add_subparsers(dest="clients_command", required=True, metavar="ACTION")
+    adding = client_commands.add_parser(
+        "add",
+        help="register a client; prints its id and secret once, as one JSON line",
+        description="Register a client. Prints one JSON line with client_id, client_secret and scope; the "
+        "secret is shown only now (only its hash is stored).",
+    )
+    adding.add_argument("name", help="who this is, for `issuer clients list` (e.g. edge-gateway)")
+    adding.add_argument(
+        "--scope",
+        required=True,
+        help="comma-separated, of: introspect (POST /oauth2/introspect), revoke (POST /oauth2/revoke), "
+        "events (POST /events/poll)",
+    )
+    adding.set_defaults(handler=_clients_add)
+    client_list = client_commands.add_parser(
+        "list", help="list registered clients", description="List registered clients (never their secrets)."
+    )
+    client_list.set_defaults(handler=_clients_list)
+    removing = client_commands.add_parser(
+        "remove", help="remove a client; its secret stops working at once", description="Remove a client."
+    )
+    removing.add_argument("client_id")
+    removing.set_defaults(handler=_clients_remove)
     return parser
 
 
@@ -234,12 +280,13 @@ def _cleanup(settings: Settings, args: argparse.Namespace) -> int:
                 now=system_clock(),
                 retention=timedelta(seconds=settings.cleanup_retention),
                 failure_window=LockoutPolicy(threshold=settings.login_lockout_threshold).window,
+                event_retention=event_retention(settings),
             )
         finally:
             await db.close()
         print(
             f"deleted {report.tokens} refresh token(s), {report.families} session(s), "
-            f"{report.login_failures} login-failure counter(s)"
+            f"{report.login_failures} login-failure counter(s), {report.events} security event(s)"
         )
 
     return _run(run)
@@ -326,11 +373,65 @@ def _keys_list(settings: Settings, args: argparse.Namespace) -> int:
                     _ts(r.revoked_at),
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        _print_table(rows)
 
     return _run(run)
+
+
+# ---------------------------------------------------------------- clients
+
+
+@contextlib.asynccontextmanager
+async def _client_registry(settings: Settings) -> AsyncIterator[ClientRegistry]:
+    db = Database(settings.database_url, size=1)
+    try:
+        yield ClientRegistry(db, system_clock)
+    finally:
+        await db.close()
+
+
+def _clients_add(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        scopes = parse_scopes(args.scope)
+    except InvalidRequest as exc:
+        raise CommandError(f"--scope: {exc.detail}") from None
+
+    async def run() -> None:
+        async with _client_registry(settings) as registry:
+            try:
+                created = await registry.add(args.name, scopes)
+            except InvalidRequest as exc:
+                raise CommandError(exc.detail) from None
+        print(json.dumps(created.as_json()))
+
+    return _run(run)
+
+
+def _clients_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> None:
+        async with _client_registry(settings) as registry:
+            registered = await registry.list()
+        rows = [("CLIENT_ID", "SCOPE", "CREATED_AT", "NAME")]
+        rows += [(c.client_id, ",".join(sorted(c.scopes)), _ts(c.created_at), c.name) for c in registered]
+        _print_table(rows)
+
+    return _run(run)
+
+
+def _clients_remove(settings: Settings, args: argparse.Namespace) -> int:
+    async def run() -> None:
+        async with _client_registry(settings) as registry:
+            if not await registry.remove(args.client_id):
+                raise CommandError(f"no client {args.client_id!r}")
+        print(f"removed {args.client_id}")
+
+    return _run(run)
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _ts(value: Any) -> str:

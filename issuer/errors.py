@@ -10,9 +10,14 @@
      |    +-- WrongPassword          403 invalid_credentials   (re-authentication of a signed-in user)
      +-- InvalidGrant                401 invalid_grant
      |    +-- RefreshTokenReused     401 invalid_grant          (theft: the family was revoked)
+     |    +-- SuspiciousRefresh      401 invalid_grant          (REFRESH_BINDING=reject: the session was revoked)
      +-- Unauthenticated             401, bare ``WWW-Authenticate: Bearer``
      +-- InvalidToken                401 invalid_token, with the RFC 6750 challenge
      +-- Forbidden                   403 forbidden
+     +-- InvalidClient               401 invalid_client, ``WWW-Authenticate: Basic``
+     +-- InsufficientScope           403 insufficient_scope
+     +-- CursorExpired               400 cursor_expired         (the feed's window has moved past it)
+     +-- UnsupportedTokenType        400 unsupported_token_type (RFC 7009)
      +-- NotFound                    404 not_found
      +-- TooManyRequests             429 too_many_requests, ``Retry-After``
      +-- ServiceUnavailable          503 temporarily_unavailable, ``Retry-After``
@@ -86,6 +91,16 @@ class RefreshTokenReused(InvalidGrant):
         self.family_revoked = family_revoked
 
 
+class SuspiciousRefresh(InvalidGrant):
+    """REFRESH_BINDING=reject refused a refresh from another network and another user agent than the session's
+    recent ones, and revoked the session."""
+
+    description = (
+        "This session was used from another network and another browser, so it has been ended for safety; "
+        "sign in again."
+    )
+
+
 class Unauthenticated(IssuerError):
     """No credentials at all: RFC 6750 section 3.1 says the challenge carries no error code."""
 
@@ -112,6 +127,35 @@ class Forbidden(IssuerError):
     error = "forbidden"
     description = "This request is not allowed."
     status_code = 403
+
+
+class InvalidClient(IssuerError):
+    """RFC 6749 section 5.2: client authentication failed (no, unknown or wrong credentials)."""
+
+    error = "invalid_client"
+    description = "Client authentication failed."
+    status_code = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="issuer", charset="UTF-8"'}
+
+
+class InsufficientScope(IssuerError):
+    error = "insufficient_scope"
+    description = "The client is not allowed to use this endpoint."
+    status_code = 403
+
+
+class CursorExpired(IssuerError):
+    error = "cursor_expired"
+    description = "The cursor is older than the events kept; start again without a cursor."
+    status_code = 400
+
+
+class UnsupportedTokenType(IssuerError):
+    error = "unsupported_token_type"
+    description = "This token type cannot be revoked."
+    status_code = 400
 
 
 class NotFound(IssuerError):

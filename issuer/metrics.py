@@ -17,6 +17,13 @@ class Metrics:
             "Consumed refresh tokens presented again outside the grace window (family revoked)",
             registry=self.registry,
         )
+        self.suspicious_refreshes = Counter(
+            "issuer_refresh_suspicious_total",
+            "Refreshes from another network and another user agent than the session's recent uses, by what "
+            "REFRESH_BINDING did (audited, rejected)",
+            ["action"],
+            registry=self.registry,
+        )
         self.token_failures = Counter(
             "issuer_token_verification_failures_total",
             "Bearer tokens refused at the issuer's own endpoints, by reason",

@@ -80,8 +80,18 @@ class Settings:
     cleanup_interval: int = 3600
     db_pool_size: int = 10
     access_log: bool = False
-    log_refreshes: bool = False
     cleanup_retention: int = 604800
+    # What presenting a consumed refresh token revokes: "family" (that session) or "user" (every session of
+    # the user, and their token version goes up).
+    reuse_revokes: str = "family"
+    # off | audit | reject: what a refresh from another network and another user agent than its session's
+    # recent ones gets (issuer.sessions.binding).
+    refresh_binding: str = "audit"
+    # The dedicated connection that LISTENs for key changes and revocation events; it needs a session, so
+    # behind a transaction pooler it must reach PostgreSQL directly. Unset: DATABASE_URL.
+    database_listen_url: str = field(default="", repr=False)
+    # Serve the account page at /account (issuer.http.sdk); `issuer dev` turns it on.
+    account_page: bool = False
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, *, dev_kek_path: Path = DEV_KEK_PATH) -> Settings:
@@ -109,8 +119,11 @@ class Settings:
             cleanup_interval=_int(env, "CLEANUP_INTERVAL", 3600, minimum=0),
             db_pool_size=_int(env, "DB_POOL_SIZE", 10, minimum=1),
             access_log=_bool(env, "ACCESS_LOG", False),
-            log_refreshes=_bool(env, "LOG_REFRESHES", False),
             cleanup_retention=_int(env, "CLEANUP_RETENTION", 604800, minimum=0),
+            account_page=_bool(env, "ACCOUNT_PAGE", False),
+            reuse_revokes=_choice(env, "REUSE_REVOKES", "family", ("family", "user")),
+            refresh_binding=_choice(env, "REFRESH_BINDING", "audit", ("off", "audit", "reject")),
+            database_listen_url=_listen_url(env),
             allowed_origins=_origins(env, "ALLOWED_ORIGINS"),
             trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
             kek=kek,
@@ -184,6 +197,16 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if lowered in {"0", "false", "no", "off"}:
         return False
     raise ConfigError(f"{name}: {value!r} is not a boolean (true/false)")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, not {raw!r}")
+    return value
 
 
 def _csv(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -282,7 +305,25 @@ def _database_url(env: Mapping[str, str]) -> str:
         raise ConfigError("DATABASE_URL: cannot be parsed as a URL (percent-encode special characters)") from None
     if port is not None and not 0 < port < 65536:
         raise ConfigError("DATABASE_URL: the port must be between 1 and 65535")
+    # Imported here: the storage layer imports this module (ConfigError).
+    from issuer.storage.database import InvalidDatabaseURL, connect_arguments
+
+    try:
+        connect_arguments(value)  # query parameters: asyncpg's, converted; any other is refused here
+    except InvalidDatabaseURL as exc:
+        raise ConfigError(f"DATABASE_URL: {exc}") from None
     return value
+
+
+def _listen_url(env: Mapping[str, str]) -> str:
+    """DATABASE_LISTEN_URL, checked by the same rules as DATABASE_URL; empty when unset."""
+    raw = _raw(env, "DATABASE_LISTEN_URL")
+    if raw is None:
+        return ""
+    try:
+        return _database_url({"DATABASE_URL": raw})
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("DATABASE_URL", "DATABASE_LISTEN_URL", 1)) from None
 
 
 def decode_kek(text: str, name: str) -> Secret:

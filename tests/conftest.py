@@ -26,7 +26,16 @@ from tests.support.issuer import ISSUER_URL, IssuerHarness, running_issuer
 if TYPE_CHECKING:
     from tests.support.keys import Cli
 
-TABLES = ("refresh_tokens", "refresh_families", "users", "signing_keys", "login_failures", "rate_buckets")
+TABLES = (
+    "refresh_tokens",
+    "refresh_families",
+    "users",
+    "signing_keys",
+    "login_failures",
+    "rate_buckets",
+    "clients",
+    "security_events",
+)
 
 
 def run_blocking(fn: Callable[[], object]) -> None:
@@ -100,6 +109,7 @@ async def _truncate(url: str) -> None:
     conn = await asyncpg.connect(url, timeout=5)
     try:
         await conn.execute(f"TRUNCATE {', '.join(TABLES)} CASCADE")
+        await conn.execute("UPDATE security_event_counter SET last_seq = 0, pruned_through = 0")
     finally:
         await conn.close()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -18,9 +21,15 @@ from issuer.metrics import Metrics
 from issuer.settings import Settings
 from issuer.storage.users import User
 from issuer.verifier import TokenError
+from issuer.verifier.errors import UnknownKey
 from issuer.verifier.verify import check_claims_with, claims_registry, key_for, parse_token, verify_signature
 
 REQUIRED_CLAIMS = ("iss", "aud", "sub", "exp", "iat", "jti", "sid", "tokenVersion")
+
+# Every kid the issuer writes is an RFC 7638 SHA-256 thumbprint (generated and imported keys alike): 43
+# base64url characters. Only a kid of that shape can name a key this process has not loaded yet.
+_THUMBPRINT_KID = re.compile(r"[A-Za-z0-9_-]{43}")
+UNKNOWN_KID_RELOAD_INTERVAL = 1.0  # seconds; at most one reload per interval per process
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,55 @@ class _Verified:
     # The seconds ``now`` for which exp/nbf/iat pass, the only rules whose outcome changes with time.
     valid_from: float
     valid_until: float
+
+
+class UnknownKidReload:
+    """Re-reads the key table for a token that names a kid this process does not hold, at most once per
+    ``interval`` seconds (of ``monotonic``), however many such tokens arrive.
+
+    Why: another replica may have activated a key (``issuer keys rotate --now``, or the promotion in a
+    revoke) moments ago, and this process hears of it through LISTEN/NOTIFY, or at its next periodic reload
+    if that connection is down. Its freshly signed tokens must not be refused meanwhile. A flood of forged
+    kids must not become a flood of statements either: callers that arrive while a reload runs share it,
+    and callers that arrive within ``interval`` of the last reload's start get none (their kid was unknown
+    to a table read less than a second ago) and are refused.
+
+    The reload runs in a task of its own, so a caller that disconnects does not cancel it for the others;
+    its error (the database is down) reaches every caller that waited for it.
+    """
+
+    def __init__(
+        self,
+        reload: Callable[[], Awaitable[None]],
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        interval: float = UNKNOWN_KID_RELOAD_INTERVAL,
+    ) -> None:
+        self._reload = reload
+        self._monotonic = monotonic
+        self._interval = interval
+        self._started: float | None = None
+        self._running: asyncio.Task[None] | None = None
+
+    async def __call__(self) -> bool:
+        """True once a reload has finished for this caller (started by it or joined); False when the last
+        one started less than ``interval`` ago, so none runs."""
+        running = self._running
+        if running is None:
+            now = self._monotonic()
+            if self._started is not None and now - self._started < self._interval:
+                return False
+            self._started = now
+            running = self._running = asyncio.ensure_future(self._reload())
+            running.add_done_callback(self._finished)
+        await asyncio.shield(running)
+        return True
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if self._running is task:
+            self._running = None
+        if not task.cancelled():
+            task.exception()  # retrieved here too, so a reload nobody awaited any more is not logged as lost
 
 
 def bearer_token(request: HTTPConnection) -> str:
@@ -71,6 +129,10 @@ class BearerAuth:
 
     The user and its tokenVersion are never cached: that read is what makes logout-all and account
     deletion take effect at once (``UserLookup`` batches concurrent reads without weakening that).
+
+    A token whose kid this process does not know gets one rate-limited reload of the key table before it
+    is refused (:class:`UnknownKidReload`): a key another replica has just activated is accepted here
+    even before the notification of it arrives.
     """
 
     def __init__(
@@ -82,8 +144,13 @@ class BearerAuth:
         metrics: Metrics,
         *,
         memo_size: int = 4096,
+        monotonic: Callable[[], float] = time.monotonic,
+        session_revoked: Callable[[Mapping[str, Any]], bool] = lambda claims: False,
     ) -> None:
         self._users = users
+        # The revoked sessions this process has heard of (issuer.events.revoked_sessions): one dict lookup.
+        self._session_revoked = session_revoked
+        self._unknown_kid_reload = UnknownKidReload(keys.reload, monotonic=monotonic)
         self._keys = keys
         self._clock = clock
         self._metrics = metrics
@@ -99,24 +166,55 @@ class BearerAuth:
         )
 
     async def authenticate(self, request: HTTPConnection) -> Caller:
-        token = bearer_token(request)
-        try:
-            claims = self._claims(token)
-        except TokenError as exc:
-            self._metrics.token_failures.labels(exc.reason).inc()
-            raise InvalidToken(exc.detail) from None
-        version = claims["tokenVersion"]
-        if not isinstance(version, int) or isinstance(version, bool):
-            self._metrics.token_failures.labels("invalid_claims").inc()
-            raise InvalidToken("The access token has an invalid 'tokenVersion' claim.")
+        claims = await self.verify_current(bearer_token(request))
         user = await self._users.get(claims["sub"])
         if user is None:
             self._metrics.token_failures.labels("unknown_user").inc()
             raise InvalidToken("The access token's user no longer exists.")
-        if version != user.token_version:
+        if claims["tokenVersion"] != user.token_version:
             self._metrics.token_failures.labels("revoked").inc()
             raise InvalidToken("The access token has been revoked.")
+        if self._session_revoked(claims):
+            self._metrics.token_failures.labels("session_revoked").inc()
+            raise InvalidToken("The access token's session has ended.")
         return Caller(user, claims)
+
+    async def verify_current(self, token: str) -> Mapping[str, Any]:
+        """:meth:`verify`, except that a token naming a kid this process does not hold first gets one
+        rate-limited reload of the key table (:class:`UnknownKidReload`) and is checked again after it."""
+        try:
+            claims = self._claims(token)
+        except UnknownKey as exc:
+            if True:
+                raise self._refused(exc) from None
+            try:
+                claims = self._claims(token)
+            except TokenError as again:
+                raise self._refused(again) from None
+        except TokenError as exc:
+            raise self._refused(exc) from None
+        return self._versioned(claims)
+
+    def verify(self, token: str) -> Mapping[str, Any]:
+        """The claims of an access token that is valid now (signature by a published key, typ, iss, aud,
+        exp/nbf/iat, required claims, an integer tokenVersion); InvalidToken otherwise. The user's state is
+        not read here: :meth:`authenticate` and introspection add that."""
+        try:
+            claims = self._claims(token)
+        except TokenError as exc:
+            raise self._refused(exc) from None
+        return self._versioned(claims)
+
+    def _refused(self, exc: TokenError) -> InvalidToken:
+        self._metrics.token_failures.labels(exc.reason).inc()
+        return InvalidToken(exc.detail)
+
+    def _versioned(self, claims: Mapping[str, Any]) -> Mapping[str, Any]:
+        version = claims["tokenVersion"]
+        if not isinstance(version, int) or isinstance(version, bool):
+            self._metrics.token_failures.labels("invalid_claims").inc()
+            raise InvalidToken("The access token has an invalid 'tokenVersion' claim.")
+        return claims
 
     def _claims(self, token: str) -> Mapping[str, Any]:
         """The token's claims if it is valid now; the RSA check is skipped for a token already checked."""
@@ -148,3 +246,13 @@ class BearerAuth:
         if token not in memo and len(memo) >= self._memo_size:
             del memo[next(iter(memo))]
         memo[token] = verified
+
+
+def _names_a_possible_key(token: str) -> bool:
+    """Whether the token's header names a kid of the shape the issuer's keys have (parsed again: this runs
+    only for a kid that was not found)."""
+    try:
+        kid = parse_token(token).kid
+    except TokenError:
+        return False
+    return kid is not None and _THUMBPRINT_KID.fullmatch(kid) is not None

@@ -30,11 +30,12 @@ from issuer.errors import (
     error_response,
     render_error,
 )
-from issuer.http import auth, health, wellknown
+from issuer.events.feed import event_retention
+from issuer.http import auth, health, oauth, openapi, sdk, wellknown
 from issuer.services import Services
 from issuer.settings import Settings
 from issuer.storage.cleanup import cleanup
-from issuer.storage.database import ConstraintViolation, DatabaseUnavailable
+from issuer.storage.database import ConstraintViolation, DatabaseUnavailable, describe
 
 log = logging.getLogger("issuer")
 
@@ -74,6 +75,12 @@ def create_app(
         try:
             await services.keys.ensure_signing_key()
             services.keys.start_background()
+            services.listener.start()
+            try:
+                await services.revoked_sessions.sync()
+            except DatabaseUnavailable:
+                log.warning("could not read revocation events at start-up; will retry in the background")
+            services.revoked_sessions.start()
             services.metrics.signing_key_age.set_function(lambda: _signing_key_age(services))
             if settings.cleanup_interval > 0:
                 cleaner = asyncio.create_task(_clean_periodically(services), name="issuer-cleanup")
@@ -98,13 +105,15 @@ def create_app(
                 allow_credentials=True,
                 allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=["authorization", "content-type"],
+                # Without these a cross-origin page cannot read a 429's back-off or a 401's error code.
+                expose_headers=["Retry-After", "WWW-Authenticate"],
                 max_age=600,
             )
         )
     app = Starlette(
         # Starlette tries routes in order, so the most requested come first: the documents every gateway
         # fetches, then /auth/me and refresh (``auth.routes`` is ordered the same way).
-        routes=[*wellknown.routes, *auth.routes, *health.routes],
+        routes=[*wellknown.routes, *auth.routes, *health.routes, *oauth.routes, *openapi.routes, *sdk.routes],
         middleware=middleware,
         exception_handlers={
             IssuerError: render_error,
@@ -168,11 +177,12 @@ async def _clean_periodically(services: Services) -> None:
                 now=services.clock(),
                 retention=timedelta(seconds=settings.cleanup_retention),
                 failure_window=services.lockout.policy.window,
+                event_retention=event_retention(settings),
             )
         except Exception:
             log.exception("periodic cleanup failed; will retry at the next interval")
             continue
-        for kind in ("tokens", "families", "login_failures"):
+        for kind in ("tokens", "families", "login_failures", "events"):
             services.metrics.cleanup_deleted.labels(kind).inc(getattr(report, kind))
 
 
@@ -197,7 +207,9 @@ class _GenericHTTPError(IssuerError):
 async def _database_down(request: Request, exc: Exception) -> Response:
     services: Services = request.state.services
     services.metrics.db_errors.inc()
-    log.error("database error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    # The driver's error class and message (DatabaseUnavailable carries them; never the URL or a password).
+    cause = str(exc) if isinstance(exc, DatabaseUnavailable) and str(exc) else describe(exc)
+    log.error("database error on %s %s: %s", request.method, request.url.path, cause)
     return error_response(ServiceUnavailable("The database is unavailable; retry shortly."))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -55,6 +56,26 @@ async def read_json_object(request: Request, *, allow_empty: bool = False) -> di
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data
+
+
+async def read_form(request: Request, fields: tuple[str, ...]) -> dict[str, str]:
+    """An ``application/x-www-form-urlencoded`` body (RFC 6749 section 3.2, RFC 7662, RFC 7009): the named
+    fields that are present; unknown ones are ignored, as those RFCs ask, and a repeated one is refused."""
+    body = await read_body(request)
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        raise InvalidRequest("The request body must be form-encoded (application/x-www-form-urlencoded).")
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body), max_num_fields=64)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The request body is not valid form encoding.") from None
+    form: dict[str, str] = {}
+    for name, value in pairs:
+        if name in fields:
+            if name in form:
+                raise InvalidRequest(f"'{name}' must not be repeated.")
+            form[name] = value
+    return form
 
 
 def _reject_constant(name: str) -> Any:

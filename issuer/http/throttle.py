@@ -62,23 +62,37 @@ class IpRateLimiter:
         """Take one token; returns 0 when allowed, else the seconds until a token is available."""
         if not self.enabled or address is None:
             return 0.0
-        address = bucket_key(address)
-        now = self._monotonic()
-        bucket = self._buckets.get(address)
-        if bucket is None:
-            bucket = _Bucket(self._capacity, now)
-            self._buckets[address] = bucket
-            if len(self._buckets) > MAX_TRACKED_ADDRESSES:
-                # Forget the least recently seen address: memory stays bounded under a spoofing flood.
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(address)
-            bucket.tokens = min(self._capacity, bucket.tokens + (now - bucket.updated) * self._rate)
-            bucket.updated = now
+        bucket = self._refilled(bucket_key(address))
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return 0.0
         return _seconds_until_token(bucket.tokens, self._rate)
+
+    def blocked(self, address: str | None) -> float:
+        """0 when the address's bucket holds a token, else the seconds until it does; takes nothing. For
+        limits charged only on failure (client authentication): checked first, then ``acquire`` on failure."""
+        if not self.enabled or address is None:
+            return 0.0
+        key = bucket_key(address)
+        if key not in self._buckets:
+            return 0.0
+        bucket = self._refilled(key)
+        return 0.0 if bucket.tokens >= 1.0 else _seconds_until_token(bucket.tokens, self._rate)
+
+    def _refilled(self, key: str) -> _Bucket:
+        now = self._monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = _Bucket(self._capacity, now)
+            self._buckets[key] = bucket
+            if len(self._buckets) > MAX_TRACKED_ADDRESSES:
+                # Forget the least recently seen address: memory stays bounded under a spoofing flood.
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket.tokens = min(self._capacity, bucket.tokens + (now - bucket.updated) * self._rate)
+            bucket.updated = now
+        return bucket
 
 
 class SharedRateLimiter:

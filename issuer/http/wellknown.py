@@ -8,6 +8,7 @@ import json
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from issuer.http import oauth
 from issuer.keys.ring import JwksDocument
 from issuer.services import Services
 from issuer.settings import Settings
@@ -67,6 +68,11 @@ def metadata_document(settings: Settings) -> bytes:
         "sessions_endpoint": f"{base}/auth/sessions",
         "account_endpoint": f"{base}/auth/account",
         "refresh_token_transports_supported": ["cookie", "body"],
+        "introspection_endpoint": f"{base}{oauth.INTROSPECTION_PATH}",
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic"],
+        "revocation_endpoint": f"{base}{oauth.REVOCATION_PATH}",
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic"],
+        "security_event_poll_endpoint": f"{base}{oauth.POLL_PATH}",
     }
     return json.dumps(document, separators=(",", ":")).encode()
 

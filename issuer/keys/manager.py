@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from issuer.audit import audit
 from issuer.clock import Clock
 from issuer.keys.material import decrypt_private_key, new_key_record
 from issuer.keys.policy import KeyPlan, RotationRefused, plan_revocation, plan_rotation, prunable, rotation_due
@@ -27,7 +28,6 @@ from issuer.storage import signing_keys
 from issuer.storage.database import Database
 
 log = logging.getLogger("issuer.keys")
-audit = logging.getLogger("issuer.audit")
 
 _Planner = Callable[[list[KeyRecord], datetime], KeyPlan | None]
 
@@ -45,6 +45,7 @@ class KeyManager:
         self._fingerprint: tuple[tuple[object, ...], ...] | None = None
         self._task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
 
     @staticmethod
     def retire_grace(settings: Settings) -> timedelta:
@@ -118,7 +119,7 @@ class KeyManager:
             return None
         if applied is None or applied.insert is None:
             return None
-        audit.warning("created signing key %s, active now", fresh.kid, extra={"event": "key_created", "kid": fresh.kid})
+        audit("key_created", "success", f"created signing key {fresh.kid}, active now", kid=fresh.kid)
         return applied.insert
 
     async def rotate(self, *, immediate: bool = False, private_key: rsa.RSAPrivateKey | None = None) -> KeyPlan:
@@ -134,12 +135,8 @@ class KeyManager:
         )
         assert applied is not None
         assert applied.insert is not None
-        audit.warning(
-            "key %s published; signs from %s",
-            applied.insert.kid,
-            f"{applied.insert.activate_at:%Y-%m-%dT%H:%M:%SZ}",
-            extra={"event": "key_rotated", "kid": applied.insert.kid, "immediate": immediate},
-        )
+        kid, signs_from = applied.insert.kid, f"{applied.insert.activate_at:%Y-%m-%dT%H:%M:%SZ}"
+        audit("key_rotated", "success", f"key {kid} published; signs from {signs_from}", kid=kid, immediate=immediate)
         return applied
 
     async def revoke(self, kid: str) -> KeyPlan:
@@ -151,13 +148,15 @@ class KeyManager:
             lambda records, now: plan_revocation(records, kid, replacement, now=now, grace=grace)
         )
         assert applied is not None
-        audit.warning("key %s revoked", kid, extra={"event": "key_revoked", "kid": kid})
+        audit("key_revoked", "success", f"key {kid} revoked", kid=kid)
         return applied
 
     async def prune(self) -> list[str]:
         async with self._db.transaction() as tx:
             kids = prunable(await signing_keys.all_keys(tx), now=self._clock(), grace=self._ring.retire_grace)
-            await signing_keys.delete(tx, kids)
+            if kids:
+                await signing_keys.delete(tx, kids)
+                await signing_keys.announce(tx)
         await self.reload()
         return kids
 
@@ -185,11 +184,8 @@ class KeyManager:
             await self.reload()
             return None
         if applied is not None and applied.insert is not None:
-            audit.warning(
-                "scheduled rotation: key %s published",
-                applied.insert.kid,
-                extra={"event": "key_rotated", "kid": applied.insert.kid, "scheduled": True},
-            )
+            kid = applied.insert.kid
+            audit("key_rotated", "success", f"scheduled rotation: key {kid} published", kid=kid, scheduled=True)
         return applied
 
     async def _apply(self, plan_for: _Planner) -> KeyPlan | None:
@@ -205,6 +201,7 @@ class KeyManager:
                     await signing_keys.reschedule(tx, _rescheduled(by_kid[kid], changes))
                 if plan.insert is not None:
                     await signing_keys.insert(tx, plan.insert)
+                await signing_keys.announce(tx)
         except signing_keys.KeyConflict:
             raise ConcurrentKeyChange(
                 "another instance changed the signing keys at the same moment; nothing was written, check "
@@ -225,11 +222,25 @@ class KeyManager:
                 await self._task
             self._task = None
 
+    def changed(self, _payload: str | None = None) -> None:
+        """Another process changed the keys (a LISTEN notification): reload now, not at the next interval."""
+        self._changed.set()
+
     async def _background(self) -> None:
+        """Reload on every announced change, and every KEY_RELOAD_INTERVAL whatever happens: the safety net
+        while the LISTEN connection is down (and the scheduled rotation's clock)."""
+        interval = self._settings.key_reload_interval
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + interval
         while True:
-            await asyncio.sleep(self._settings.key_reload_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(next_tick):
+                    await self._changed.wait()
+            self._changed.clear()
             try:
-                await self.rotate_if_due()
+                if loop.time() >= next_tick:
+                    next_tick = loop.time() + interval
+                    await self.rotate_if_due()
                 await self.reload()
             except Exception:
                 # Keep serving the keys we have; the database may be down for a moment.

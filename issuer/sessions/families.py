@@ -11,20 +11,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import logging
 import re
 import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from issuer.errors import InvalidGrant, NotFound, RefreshTokenReused
-from issuer.storage import sessions
+from issuer.audit import audit
+from issuer.errors import InvalidGrant, NotFound, RefreshTokenReused, SuspiciousRefresh
+from issuer.events import record
+from issuer.sessions import binding
+from issuer.storage import sessions, users
 from issuer.storage.database import Database
 from issuer.storage.sessions import Family
 from issuer.storage.users import User
-
-log = logging.getLogger("issuer.audit")
 
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
 
@@ -50,6 +50,8 @@ class Rotation:
     user: User
     refresh: IssuedRefresh
     replayed: bool
+    # REFRESH_BINDING=audit found the refresh suspicious (with reject, it raises SuspiciousRefresh instead).
+    suspicious: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class FamilyPolicy:
     refresh_ttl: timedelta
     session_max_age: timedelta
     reuse_grace: timedelta
+    # REUSE_REVOKES=user: reuse revokes every session of the user and bumps their token version.
+    reuse_revokes_user: bool = False
+    # REFRESH_BINDING: off, audit or reject (issuer.sessions.binding).
+    refresh_binding: str = binding.AUDIT
 
 
 class RefreshFamilies:
@@ -106,10 +112,16 @@ class RefreshFamilies:
         successor = self.successor_of(presented)
         successor_hash = token_hash(successor)
 
-        won = await sessions.rotate(self._db, presented_hash, successor_hash, now, now + self._policy.refresh_ttl)
+        won = await sessions.rotate(
+            self._db, presented_hash, successor_hash, now, now + self._policy.refresh_ttl, ip=ip, user_agent=user_agent
+        )
         if won is not None:
-            family_id, expires, user = won
-            return Rotation(user, IssuedRefresh(successor, family_id, expires), replayed=False)
+            flagged = self._policy.refresh_binding != binding.OFF and binding.suspicious(ip, user_agent, won.recent)
+            if flagged and self._policy.refresh_binding == binding.REJECT:
+                # The successor was issued by the same statement; revoking the session kills it with the rest.
+                await self._revoke(won.user.id, won.family_id, now, "binding")
+                raise SuspiciousRefresh()
+            return Rotation(won.user, IssuedRefresh(successor, won.family_id, won.expires_at), False, flagged)
 
         # Not live: unknown, expired, revoked, or a repeat. Decide which.
         found = await sessions.inspect(self._db, presented_hash, successor_hash, now)
@@ -127,17 +139,15 @@ class RefreshFamilies:
                 raise InvalidGrant("The refresh token's session has ended.")
             assert found.successor_expires_at is not None
             return Rotation(owner, IssuedRefresh(successor, found.family_id, found.successor_expires_at), replayed=True)
-        revoked_now = await sessions.revoke(self._db, found.family_id, now, "reuse")
+        revoked_now = await self._revoke_for_reuse(found, now)
         if revoked_now:
-            log.warning(
-                "refresh token reuse detected; family revoked",
-                extra={
-                    "event": "refresh_reuse",
-                    "family_id": found.family_id,
-                    "user_id": found.user_id,
-                    "ip": ip,
-                    "user_agent": user_agent,
-                },
+            audit(
+                "refresh_reuse",
+                "failure",
+                user_id=found.user_id,
+                ip=ip,
+                user_agent=user_agent,
+                session_id=found.family_id,
             )
         raise RefreshTokenReused(family_revoked=revoked_now)
 
@@ -150,21 +160,60 @@ class RefreshFamilies:
             return False
         return found.successor_expires_at is not None and found.successor_unused
 
+    async def _revoke_for_reuse(self, found: sessions.Presented, now: datetime) -> bool:
+        """Revoke the family (or, with REUSE_REVOKES=user, every session of its user and their token
+        version) with its event, in one transaction; True when this call revoked it."""
+        async with self._db.transaction() as tx:
+            if not await sessions.revoke(tx, found.family_id, now, "reuse"):
+                return False  # already revoked (a concurrent reuse, a logout): its event exists
+            if self._policy.reuse_revokes_user:
+                version = await users.log_out_everywhere(tx, found.user_id, now, reason="reuse")
+                if version is not None:
+                    await record.user_revoked(tx, user_id=found.user_id, token_version=version, now=now, reason="reuse")
+                    return True
+            await record.session_revoked(tx, user_id=found.user_id, session_id=found.family_id, now=now, reason="reuse")
+        return True
+
+    async def _revoke(self, user_id: str, family_id: str, now: datetime, reason: str) -> None:
+        """Revoke one family with its event, in one transaction."""
+        async with self._db.transaction() as tx:
+            if await sessions.revoke(tx, family_id, now, reason):
+                await record.session_revoked(tx, user_id=user_id, session_id=family_id, now=now, reason=reason)
+
     async def revoke_by_token(self, presented: str, *, now: datetime, reason: str = "logout") -> str | None:
-        """Revoke the family a token belongs to, whatever state the token is in; returns the family id."""
+        """Revoke the family a token belongs to, whatever state the token is in, with its event; returns the
+        family id, None for a token that was never issued."""
         if not _TOKEN_SHAPE.fullmatch(presented):
             return None
-        found = await sessions.revoke_by_token(self._db, token_hash(presented), now, reason)
-        return None if found is None else found[0]
+        async with self._db.transaction() as tx:
+            found = await sessions.revoke_by_token(tx, token_hash(presented), now, reason)
+            if found is not None and found.now:
+                await record.session_revoked(
+                    tx, user_id=found.user_id, session_id=found.family_id, now=now, reason=reason
+                )
+        return None if found is None else found.family_id
+
+    async def live(self, presented: str, *, now: datetime) -> sessions.LiveToken | None:
+        """What a refresh token could be redeemed for right now, without consuming it (introspection)."""
+        if not _TOKEN_SHAPE.fullmatch(presented):
+            return None
+        return await sessions.live_token_owner(self._db, token_hash(presented), now)
 
     async def active_sessions(self, user_id: str, *, now: datetime) -> list[Family]:
         return await sessions.active(self._db, user_id, now)
 
-    async def revoke_session(self, user_id: str, family_id: str, *, now: datetime) -> None:
-        """Revoke one of the user's own families; someone else's id is indistinguishable from a missing one."""
+    async def revoke_session(
+        self, user_id: str, family_id: str, *, now: datetime, reason: str = "session_revoked"
+    ) -> None:
+        """Revoke one of the user's own families, with its event; someone else's id is indistinguishable from
+        a missing one (404)."""
         try:
             uuid.UUID(family_id)  # ids are UUIDs; anything else (a NUL byte breaks PostgreSQL) is just missing
         except ValueError:
             raise NotFound("No such session.") from None
-        if not await sessions.revoke_own(self._db, user_id, family_id, now, "session_revoked"):
+        async with self._db.transaction() as tx:
+            found = await sessions.revoke_own(tx, user_id, family_id, now, reason)
+            if found is not None and found.now:
+                await record.session_revoked(tx, user_id=user_id, session_id=family_id, now=now, reason=reason)
+        if found is None:
             raise NotFound("No such session.")

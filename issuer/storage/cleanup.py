@@ -4,6 +4,7 @@
   either way, and reuse of an expired token has nothing left to steal);
 - families that ended (absolute lifetime, idle expiry, or revocation) more than ``retention`` ago,
   with their tokens (ON DELETE CASCADE);
+- security events older than ``event_retention`` (``issuer.events.feed.event_retention``);
 - login-failure counters older than the lock-out window (and not locked), and rate buckets idle for an hour
   (an idle bucket is full again after a minute).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from issuer.storage import events
 from issuer.storage.database import Database, Statement, rows_affected
 
 DEFAULT_BATCH = 1000
@@ -53,10 +55,17 @@ class CleanupReport:
     tokens: int
     families: int
     login_failures: int
+    events: int = 0
 
 
 async def cleanup(
-    db: Database, *, now: datetime, retention: timedelta, failure_window: timedelta, batch: int = DEFAULT_BATCH
+    db: Database,
+    *,
+    now: datetime,
+    retention: timedelta,
+    failure_window: timedelta,
+    event_retention: timedelta,
+    batch: int = DEFAULT_BATCH,
 ) -> CleanupReport:
     cutoff = now - retention
     tokens = await _in_batches(db, TOKENS, cutoff, batch)
@@ -70,7 +79,10 @@ async def cleanup(
         tokens += row["tokens"]
     failures = await _in_batches(db, LOGIN_FAILURES, now - failure_window, batch, now)
     await _in_batches(db, RATE_BUCKETS, now.timestamp() - STALE_BUCKET_SECONDS, batch)
-    return CleanupReport(tokens=tokens, families=families, login_failures=failures)
+    pruned = 0
+    while deleted := await events.prune(db, now - event_retention, batch):
+        pruned += deleted
+    return CleanupReport(tokens=tokens, families=families, login_failures=failures, events=pruned)
 
 
 async def _in_batches(db: Database, statement: Statement, cutoff: object, batch: int, *more: object) -> int:

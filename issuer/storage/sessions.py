@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from issuer.storage import lockout, users
 from issuer.storage.database import ConstraintViolation, Executor, Row, Statement, rows_affected
@@ -27,6 +28,9 @@ class Family:
     ip: str | None
     revoked_at: datetime | None
     revoked_reason: str | None
+    # The latest use's (the login's until the first refresh).
+    last_user_agent: str | None = None
+    last_ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class UserGone(Exception):
 
 _FAMILY_COLUMNS = (
     "f.id, f.user_id, f.created_at, f.last_used_at, f.expires_at, f.idle_expires_at, f.user_agent, f.ip, "
-    "f.revoked_at, f.revoked_reason"
+    "f.revoked_at, f.revoked_reason, f.last_user_agent, f.last_ip"
 )
 
 
@@ -77,15 +81,20 @@ def _family(row: Row) -> Family:
         ip=row["ip"],
         revoked_at=row["revoked_at"],
         revoked_reason=row["revoked_reason"],
+        last_user_agent=row["last_user_agent"],
+        last_ip=row["last_ip"],
     )
 
 
-# A new family and its first token, which expires at the family's idle expiry. The family row is inserted
-# inside WITH, so the token's foreign key holds when it is checked at the end of the statement.
-# Parameters: the family's columns in table order ($1 to $8), then the token's hash ($9).
+# A new family, its first token (which expires at the family's idle expiry) and the first entry of its trail.
+# The family row is inserted inside WITH, so the foreign keys of the others hold when they are checked at the
+# end of the statement. Parameters: the family's columns in table order ($1 to $8), then the token's hash ($9).
 _START = """family AS (
-    INSERT INTO refresh_families (id, user_id, created_at, last_used_at, expires_at, idle_expires_at, user_agent, ip)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    INSERT INTO refresh_families
+        (id, user_id, created_at, last_used_at, expires_at, idle_expires_at, user_agent, ip, last_user_agent, last_ip)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $8)
+), trail AS (
+    INSERT INTO session_uses (family_id, used_at, ip, user_agent) VALUES ($1, $3, $8, $7)
 )
 INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at, consumed_at)
 VALUES ($9, $1, $3, $6, NULL)
@@ -94,11 +103,16 @@ START = Statement("WITH " + _START)
 # The same, ending a login: the email's failed-attempt count ($10) is cleared in the same commit.
 START_AFTER_LOGIN = Statement(f"WITH cleared AS ({lockout.clear_failures_sql('$10')}), " + _START)
 
+# How many of a session's latest uses a refresh is compared with (issuer.sessions.binding).
+RECENT_USES = 5
+
 # The rotation, in one statement. ``consumed`` is the race arbiter: under READ COMMITTED, of N concurrent
 # callers with one token the row lock lets exactly one see the token live; the others re-check the row after
 # it commits and match nothing. ``touched`` re-checks ``revoked_at`` under the family's row lock, so a
 # revocation that commits mid-statement wins: the token is consumed, no successor is issued, and no row
-# comes back. Parameters: $1 presented hash, $2 now, $3 successor hash, $4 now + refresh TTL.
+# comes back. The same statement extends the refresh trail and returns the session's recent uses as they
+# were before this one (a statement does not see its own writes). Parameters: $1 presented hash, $2 now,
+# $3 successor hash, $4 now + refresh TTL, $5 client IP, $6 user agent.
 ROTATE = Statement(
     f"""
 WITH consumed AS (
@@ -108,7 +122,7 @@ WITH consumed AS (
     RETURNING t.family_id
 ), touched AS (
     UPDATE refresh_families AS f
-    SET last_used_at = $2, idle_expires_at = LEAST($4, f.expires_at)
+    SET last_used_at = $2, idle_expires_at = LEAST($4, f.expires_at), last_ip = $5, last_user_agent = $6
     FROM consumed
     WHERE f.id = consumed.family_id AND f.revoked_at IS NULL
     RETURNING f.id, f.user_id, f.idle_expires_at
@@ -116,8 +130,14 @@ WITH consumed AS (
     INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at, consumed_at)
     SELECT $3, touched.id, $2, touched.idle_expires_at, NULL FROM touched
     RETURNING family_id, expires_at
+), trail AS (
+    INSERT INTO session_uses (family_id, used_at, ip, user_agent) SELECT touched.id, $2, $5, $6 FROM touched
 )
-SELECT successor.family_id, successor.expires_at, {users.COLUMNS}
+SELECT successor.family_id, successor.expires_at, {users.COLUMNS},
+       ARRAY(
+           SELECT ARRAY[r.ip, r.user_agent] FROM session_uses AS r
+           WHERE r.family_id = successor.family_id ORDER BY r.used_at DESC LIMIT {RECENT_USES}
+       ) AS recent
 FROM successor
 JOIN touched ON touched.id = successor.family_id
 JOIN users AS u ON u.id = touched.user_id
@@ -143,6 +163,13 @@ USER_OF_LIVE_FAMILY = Statement(
     f"WHERE f.id = $1 AND {_LIVE_FAMILY}",
     retry_safe=True,
 )
+# A live token's family and user, changing nothing (introspection must never consume a token).
+LIVE_TOKEN_OWNER = Statement(
+    f"SELECT t.family_id, t.issued_at, t.expires_at, {users.COLUMNS} FROM refresh_tokens AS t "
+    f"JOIN refresh_families AS f ON f.id = t.family_id JOIN users AS u ON u.id = f.user_id "
+    f"WHERE t.token_hash = $1 AND {LIVE_TOKEN}",
+    retry_safe=True,
+)
 REVOKE = Statement(
     "UPDATE refresh_families SET revoked_at = $2, revoked_reason = $3 WHERE id = $1 AND revoked_at IS NULL"
 )
@@ -151,13 +178,14 @@ REVOKE = Statement(
 REVOKE_BY_TOKEN = Statement(
     """
 WITH target AS (
-    SELECT family_id FROM refresh_tokens WHERE token_hash = $1
+    SELECT f.id, f.user_id FROM refresh_tokens AS t JOIN refresh_families AS f ON f.id = t.family_id
+    WHERE t.token_hash = $1
 ), revoked AS (
     UPDATE refresh_families SET revoked_at = $2, revoked_reason = $3
-    WHERE id = (SELECT family_id FROM target) AND revoked_at IS NULL
+    WHERE id = (SELECT id FROM target) AND revoked_at IS NULL
     RETURNING id
 )
-SELECT target.family_id, EXISTS (SELECT 1 FROM revoked) AS revoked FROM target
+SELECT target.id AS family_id, target.user_id, EXISTS (SELECT 1 FROM revoked) AS revoked FROM target
 """
 )
 # One of the user's own families ($2); someone else's comes back as no row, like a missing one.
@@ -168,8 +196,9 @@ WITH target AS (
 ), revoked AS (
     UPDATE refresh_families SET revoked_at = $3, revoked_reason = $4
     WHERE id = (SELECT id FROM target) AND revoked_at IS NULL
+    RETURNING id
 )
-SELECT id FROM target
+SELECT target.id, EXISTS (SELECT 1 FROM revoked) AS revoked FROM target
 """
 )
 ACTIVE = Statement(
@@ -206,15 +235,38 @@ async def start(db: Executor, family: Family, token_hash: bytes, *, clear_failur
         raise
 
 
+class Use(NamedTuple):
+    """One entry of a session's refresh trail."""
+
+    ip: str | None
+    user_agent: str | None
+
+
+class Rotated(NamedTuple):
+    family_id: str
+    expires_at: datetime
+    user: User
+    # The session's latest uses before this one, newest first (at most RECENT_USES).
+    recent: tuple[Use, ...]
+
+
 async def rotate(
-    db: Executor, presented_hash: bytes, successor_hash: bytes, now: datetime, longest: datetime
-) -> tuple[str, datetime, User] | None:
-    """Consume a live token and insert its successor, expiring at ``longest`` or the family's end:
-    ``(family_id, successor_expiry, user)``, or None when the token was not live."""
-    row = await db.fetchrow(ROTATE, presented_hash, now, successor_hash, longest)
+    db: Executor,
+    presented_hash: bytes,
+    successor_hash: bytes,
+    now: datetime,
+    longest: datetime,
+    *,
+    ip: str | None = None,
+    user_agent: str | None = None,
+) -> Rotated | None:
+    """Consume a live token, insert its successor (expiring at ``longest`` or the family's end) and record the
+    use; None when the token was not live."""
+    row = await db.fetchrow(ROTATE, presented_hash, now, successor_hash, longest, ip, user_agent)
     if row is None:
         return None
-    return row["family_id"], row["expires_at"], users.from_row(row)
+    recent = tuple(Use(entry[0], entry[1]) for entry in row["recent"])
+    return Rotated(row["family_id"], row["expires_at"], users.from_row(row), recent)
 
 
 async def inspect(db: Executor, presented_hash: bytes, successor_hash: bytes, now: datetime) -> Presented | None:
@@ -236,20 +288,46 @@ async def user_of_live_family(db: Executor, family_id: str, now: datetime) -> Us
     return None if row is None else users.from_row(row)
 
 
+@dataclass(frozen=True)
+class LiveToken:
+    family_id: str
+    issued_at: datetime
+    expires_at: datetime
+    user: User
+
+
+async def live_token_owner(db: Executor, token_hash: bytes, now: datetime) -> LiveToken | None:
+    """The family and user of a token that could be redeemed at ``now``; None otherwise."""
+    row = await db.fetchrow(LIVE_TOKEN_OWNER, token_hash, now)
+    if row is None:
+        return None
+    return LiveToken(row["family_id"], row["issued_at"], row["expires_at"], users.from_row(row))
+
+
 async def revoke(db: Executor, family_id: str, now: datetime, reason: str) -> bool:
     """Revoke a family unless it already is; True when this call did it."""
     return rows_affected(await db.execute(REVOKE, family_id, now, reason)) == 1
 
 
-async def revoke_by_token(db: Executor, token_hash: bytes, now: datetime, reason: str) -> tuple[str, bool] | None:
-    """Revoke the family of a token: ``(family_id, revoked by this call)``, None for an unknown token."""
+@dataclass(frozen=True)
+class Revoked:
+    """A family found by a revoking statement; ``now`` is False when it had already ended before."""
+
+    family_id: str
+    user_id: str
+    now: bool
+
+
+async def revoke_by_token(db: Executor, token_hash: bytes, now: datetime, reason: str) -> Revoked | None:
+    """Revoke the family of a token, whatever state the token is in; None for an unknown token."""
     row = await db.fetchrow(REVOKE_BY_TOKEN, token_hash, now, reason)
-    return None if row is None else (row["family_id"], row["revoked"])
+    return None if row is None else Revoked(row["family_id"], row["user_id"], row["revoked"])
 
 
-async def revoke_own(db: Executor, user_id: str, family_id: str, now: datetime, reason: str) -> bool:
-    """Revoke one of the user's families; False when the user has no family with that id."""
-    return await db.fetchrow(REVOKE_OWN, family_id, user_id, now, reason) is not None
+async def revoke_own(db: Executor, user_id: str, family_id: str, now: datetime, reason: str) -> Revoked | None:
+    """Revoke one of the user's families; None when the user has no family with that id."""
+    row = await db.fetchrow(REVOKE_OWN, family_id, user_id, now, reason)
+    return None if row is None else Revoked(row["id"], user_id, row["revoked"])
 
 
 async def active(db: Executor, user_id: str, now: datetime) -> list[Family]:

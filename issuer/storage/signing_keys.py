@@ -16,6 +16,10 @@ INSERT = Statement(f"INSERT INTO signing_keys ({_COLUMNS}) VALUES ($1, $2, $3, $
 # The schedule is all that changes after a key is written.
 RESCHEDULE = Statement("UPDATE signing_keys SET activate_at = $2, retire_at = $3, revoked_at = $4 WHERE kid = $1")
 DELETE = Statement("DELETE FROM signing_keys WHERE kid = ANY($1::text[])")
+# What a notification on this channel means: the keys changed; every replica re-reads them.
+CHANNEL = "issuer_keys"
+# Run inside the changing transaction: PostgreSQL delivers it at commit, and never for a rollback.
+ANNOUNCE = Statement(f"SELECT pg_notify('{CHANNEL}', '')")
 
 
 class KeyConflict(Exception):
@@ -67,3 +71,8 @@ async def reschedule(db: Executor, record: KeyRecord) -> None:
 
 async def delete(db: Executor, kids: Sequence[str]) -> int:
     return rows_affected(await db.execute(DELETE, list(kids))) if kids else 0
+
+
+async def announce(db: Executor) -> None:
+    """Tell every replica's listener (``issuer.storage.notifications``) that the keys changed."""
+    await db.execute(ANNOUNCE)

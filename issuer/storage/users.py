@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from issuer.storage.database import ConstraintViolation, Executor, Row, Statement
+from issuer.storage.database import ConstraintViolation, Executor, Row, Statement, rows_affected
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ SET_PASSWORD_HASH = Statement("UPDATE users SET password_hash = $3 WHERE id = $1
 LOG_OUT_EVERYWHERE = Statement(
     """
 WITH revoked AS (
-    UPDATE refresh_families SET revoked_at = $2, revoked_reason = 'logout_all'
+    UPDATE refresh_families SET revoked_at = $2, revoked_reason = $3
     WHERE user_id = $1 AND revoked_at IS NULL
 )
 UPDATE users SET token_version = token_version + 1 WHERE id = $1 RETURNING token_version
@@ -73,11 +73,12 @@ async def set_password_hash(db: Executor, user_id: str, old_hash: str, new_hash:
     await db.execute(SET_PASSWORD_HASH, user_id, old_hash, new_hash)
 
 
-async def log_out_everywhere(db: Executor, user_id: str, now: datetime) -> int | None:
+async def log_out_everywhere(db: Executor, user_id: str, now: datetime, *, reason: str = "logout_all") -> int | None:
     """Bump the user's token version and revoke all their sessions; the new version, None if no such user."""
-    row = await db.fetchrow(LOG_OUT_EVERYWHERE, user_id, now)
+    row = await db.fetchrow(LOG_OUT_EVERYWHERE, user_id, now, reason)
     return None if row is None else int(row["token_version"])
 
 
-async def delete(db: Executor, user_id: str) -> None:
-    await db.execute(DELETE, user_id)
+async def delete(db: Executor, user_id: str) -> bool:
+    """Delete the user with their sessions; False when there was no such user."""
+    return rows_affected(await db.execute(DELETE, user_id)) == 1

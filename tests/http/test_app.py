@@ -33,6 +33,15 @@ ROUTES = [
     ("/healthz", GET),
     ("/readyz", GET),
     ("/metrics", GET),
+    ("/oauth2/introspect", {"POST"}),
+    ("/oauth2/revoke", {"POST"}),
+    ("/events/poll", {"POST"}),
+    ("/openapi.json", GET),
+    ("/sdk/auth-client.js", GET),
+    # Routed always; they answer 404 unless ACCOUNT_PAGE is on.
+    ("/account", GET),
+    ("/account/account.js", GET),
+    ("/account/account.css", GET),
 ]
 
 

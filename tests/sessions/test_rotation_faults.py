@@ -353,7 +353,10 @@ async def test_unexpected_error_during_refresh_is_500_json_and_family_intact(
 @pytest.fixture
 async def proxied(make_issuer: MakeIssuer, pg_url: str) -> AsyncIterator[tuple[IssuerHarness, PostgresProxy]]:
     """The issuer talking to PostgreSQL through a proxy that can kill a connection at a chosen statement."""
-    async with postgres_proxy() as proxy, make_issuer(database_url=proxy.url(pg_url)) as harness:
+    async with (
+        postgres_proxy() as proxy,
+        make_issuer(database_url=proxy.url(pg_url), database_listen_url=pg_url) as harness,
+    ):
         yield harness, proxy
 
 

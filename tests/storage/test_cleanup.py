@@ -146,7 +146,9 @@ async def test_cleanup_removes_exactly_what_ended_before_the_retention(harness: 
     expiries = await _token_expiries(harness)
     assert len(families_before) == 9
 
-    report = await cleanup(services.db, now=now, retention=RETENTION, failure_window=WINDOW, batch=batch)
+    report = await cleanup(
+        services.db, now=now, retention=RETENTION, failure_window=WINDOW, event_retention=RETENTION, batch=batch
+    )
 
     families_after, tokens_after = await _rows(harness)
 
@@ -174,7 +176,14 @@ async def test_cleanup_removes_exactly_what_ended_before_the_retention(harness: 
     world.clock.now = now
     await world.refresh(live, 5010)
     assert live.token != live_token_before
-    again = await cleanup(services.db, now=world.at(5010), retention=RETENTION, failure_window=WINDOW, batch=batch)
+    again = await cleanup(
+        services.db,
+        now=world.at(5010),
+        retention=RETENTION,
+        failure_window=WINDOW,
+        event_retention=RETENTION,
+        batch=batch,
+    )
     # Ten seconds later the session that ended exactly at the old cutoff is past it, and only that one goes.
     assert (again.tokens, again.families) == (1, 1)
     families_later, _ = await _rows(harness)
@@ -197,7 +206,9 @@ async def test_cleanup_in_tiny_batches_removes_everything(harness: IssuerHarness
             await world.refresh(chain, step * 10)
     live = await world.login(5000)
     now = world.at(5000)
-    report = await cleanup(services.db, now=now, retention=RETENTION, failure_window=WINDOW, batch=2)
+    report = await cleanup(
+        services.db, now=now, retention=RETENTION, failure_window=WINDOW, event_retention=RETENTION, batch=2
+    )
     families_after, tokens_after = await _rows(harness)
     assert set(families_after) == {live.family_id}
     assert set(tokens_after) == {token_hash(live.token)}
@@ -230,7 +241,9 @@ async def test_cleanup_leaves_login_failures_that_still_matter(harness: IssuerHa
     async with engine.begin() as conn:
         for row in rows:
             await conn.execute(insert(login_failures).values(**{"locked_until": None, **row}))
-    report = await cleanup(harness.services.db, now=now, retention=RETENTION, failure_window=WINDOW, batch=2)
+    report = await cleanup(
+        harness.services.db, now=now, retention=RETENTION, failure_window=WINDOW, event_retention=RETENTION, batch=2
+    )
     async with engine.connect() as conn:
         left = set((await conn.execute(select(login_failures.c.email))).scalars())
     assert left == {"old-still-locked@example.com", "recent@example.com", "recent-locked@example.com"}
@@ -245,7 +258,14 @@ async def test_cleanup_never_touches_a_live_family_however_old(harness: IssuerHa
     chain = await world.login(0)
     for offset in range(300, SESSION_MAX_AGE - 300, 300):
         await world.refresh(chain, offset)
-        await cleanup(services.db, now=world.at(offset), retention=timedelta(0), failure_window=WINDOW, batch=1)
+        await cleanup(
+            services.db,
+            now=world.at(offset),
+            retention=timedelta(0),
+            failure_window=WINDOW,
+            event_retention=RETENTION,
+            batch=1,
+        )
         families_after, tokens_after = await _rows(harness)
         assert chain.family_id in families_after
         assert token_hash(chain.token) in tokens_after
@@ -279,7 +299,9 @@ async def test_periodic_cleanup_task_runs_and_counts(settings: Settings, clock: 
         assert families_after == {}
 
 
-REPORT = re.compile(r"deleted (\d+) refresh token\(s\), (\d+) session\(s\), (\d+) login-failure counter\(s\)")
+REPORT = re.compile(
+    r"deleted (\d+) refresh token\(s\), (\d+) session\(s\), (\d+) login-failure counter\(s\), (\d+) security event\(s\)"
+)
 
 
 async def test_cleanup_cli(
@@ -314,7 +336,7 @@ async def test_cleanup_cli(
         assert len(lines) == 1, result.out
         match = REPORT.fullmatch(lines[0])
         assert match is not None, lines[0]
-        assert tuple(int(n) for n in match.groups()) == (2, 1, 1)
+        assert tuple(int(n) for n in match.groups()) == (2, 1, 1, 0)
         assert "Traceback" not in result.err
 
         families_after, tokens_after = await _rows(running)
@@ -325,7 +347,9 @@ async def test_cleanup_cli(
         # Run again: nothing left to do, still one line.
         again = await cli("cleanup")
         assert again.code == 0
-        assert again.out.splitlines() == ["deleted 0 refresh token(s), 0 session(s), 0 login-failure counter(s)"]
+        assert again.out.splitlines() == [
+            "deleted 0 refresh token(s), 0 session(s), 0 login-failure counter(s), 0 security event(s)"
+        ]
 
 
 async def test_cleanup_cli_database_unreachable(
@@ -346,7 +370,11 @@ async def test_cleanup_drops_only_idle_rate_buckets(db: Database, engine: AsyncE
     assert await limiter.acquire("192.0.2.1", start) == 0
     assert await limiter.acquire("192.0.2.2", start + timedelta(minutes=59)) == 0
     await cleanup(
-        db, now=start + timedelta(hours=1, seconds=1), retention=timedelta(0), failure_window=timedelta(hours=1)
+        db,
+        now=start + timedelta(hours=1, seconds=1),
+        retention=timedelta(0),
+        failure_window=timedelta(hours=1),
+        event_retention=timedelta(0),
     )
     async with engine.connect() as conn:
         left = set((await conn.execute(select(rate_buckets.c.bucket))).scalars())

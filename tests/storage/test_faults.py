@@ -302,7 +302,12 @@ async def proxy() -> AsyncIterator[PostgresProxy]:
 async def test_unreachable_database_gives_503_then_recovers(
     settings: Settings, clock: FakeClock, engine: AsyncEngine, proxy: PostgresProxy
 ) -> None:
-    configured = with_settings(settings, database_url=proxy.url(settings.database_url), login_lockout_threshold=1000)
+    configured = with_settings(
+        settings,
+        database_url=proxy.url(settings.database_url),
+        database_listen_url=settings.database_url,
+        login_lockout_threshold=1000,
+    )
     async with running_issuer(configured, clock) as harness:
         sessions = await _sign_up(harness)
 
@@ -347,7 +352,9 @@ async def test_unreachable_database_gives_503_then_recovers(
 async def test_key_reload_while_unreachable_keeps_serving_keys(
     settings: Settings, clock: FakeClock, proxy: PostgresProxy
 ) -> None:
-    configured = with_settings(settings, database_url=proxy.url(settings.database_url))
+    configured = with_settings(
+        settings, database_url=proxy.url(settings.database_url), database_listen_url=settings.database_url
+    )
     async with running_issuer(configured, clock) as harness, harness.client() as client:
         before = (await client.get("/.well-known/jwks.json")).json()
         proxy.cut()
@@ -369,7 +376,9 @@ async def test_partitioned_database_gives_503_within_bounded_time(
     settings: Settings, clock: FakeClock, engine: AsyncEngine, proxy: PostgresProxy
 ) -> None:
     """The worst kind of outage: packets vanish, nothing is refused. Every request still ends, in 503."""
-    configured = with_settings(settings, database_url=proxy.url(settings.database_url))
+    configured = with_settings(
+        settings, database_url=proxy.url(settings.database_url), database_listen_url=settings.database_url
+    )
     async with running_issuer(configured, clock) as harness:
         sessions = await _sign_up(harness)
         session = sessions[0]

@@ -45,7 +45,13 @@ Counted = tuple[IssuerHarness, PostgresProxy]
 async def counting_issuer(settings: Settings, clock: FakeClock, **changes: Any) -> AsyncIterator[Counted]:
     """An issuer on ``settings`` with ``changes``, whose one pooled connection goes through a counting proxy."""
     async with postgres_proxy() as proxy:
-        proxied = with_settings(settings, database_url=proxy.url(settings.database_url), db_pool_size=1, **changes)
+        proxied = with_settings(
+            settings,
+            database_url=proxy.url(settings.database_url),
+            database_listen_url=settings.database_url,  # LISTEN has its own connection, not counted here
+            db_pool_size=1,
+            **changes,
+        )
         async with running_issuer(proxied, clock) as harness:
             await harness.services.keys.stop()  # the periodic key reload would add its own statements
             yield harness, proxy

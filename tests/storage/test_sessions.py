@@ -143,7 +143,8 @@ async def test_rotate_consumes_exactly_the_presented_token_and_issues_its_succes
     assert len(recorder.sent) == 1  # the whole rotation is one statement
 
     # The user as stored now, read in the same statement.
-    assert won == (session.family.id, now + HOUR, replace(user, password_hash="$argon2id$changed"))
+    assert won is not None
+    assert won[:3] == (session.family.id, now + HOUR, replace(user, password_hash="$argon2id$changed"))
     presented = await token_row(engine, session.token)
     assert presented is not None
     assert presented.consumed_at == now
@@ -521,8 +522,9 @@ async def test_revoke_by_token_finds_the_family_of_a_token_in_any_state(db: Data
     assert await sessions.rotate(db, session.token_hash, sha256(a_token()), NOW, NOW + HOUR)
 
     # The consumed first token still names its family.
-    assert await sessions.revoke_by_token(db, session.token_hash, NOW + SECOND, "logout") == (session.family.id, True)
-    assert await sessions.revoke_by_token(db, session.token_hash, NOW + HOUR, "reuse") == (session.family.id, False)
+    revoked = sessions.Revoked(session.family.id, user.id, now=True)
+    assert await sessions.revoke_by_token(db, session.token_hash, NOW + SECOND, "logout") == revoked
+    assert await sessions.revoke_by_token(db, session.token_hash, NOW + HOUR, "reuse") == replace(revoked, now=False)
     assert await sessions.revoke_by_token(db, sha256(a_token()), NOW, "logout") is None
     row = await family_row(engine, session.family.id)
     assert (row.revoked_at, row.revoked_reason) == (NOW + SECOND, "logout")
@@ -535,16 +537,20 @@ async def test_revoke_own_never_touches_another_users_session(db: Database, engi
     theirs = await new_session(db, mallory.id)
     before = await snapshot(engine)
 
-    assert await sessions.revoke_own(db, mallory.id, mine.family.id, NOW, "logout") is False
-    assert await sessions.revoke_own(db, mallory.id, "no-such-family", NOW, "logout") is False
-    assert await sessions.revoke_own(db, mallory.id, "' OR '1'='1", NOW, "logout") is False
+    assert await sessions.revoke_own(db, mallory.id, mine.family.id, NOW, "logout") is None
+    assert await sessions.revoke_own(db, mallory.id, "no-such-family", NOW, "logout") is None
+    assert await sessions.revoke_own(db, mallory.id, "' OR '1'='1", NOW, "logout") is None
     assert await snapshot(engine) == before
 
-    assert await sessions.revoke_own(db, alice.id, mine.family.id, NOW, "logout") is True
+    assert await sessions.revoke_own(db, alice.id, mine.family.id, NOW, "logout") == sessions.Revoked(
+        mine.family.id, alice.id, now=True
+    )
     row = await family_row(engine, mine.family.id)
     assert (row.revoked_at, row.revoked_reason) == (NOW, "logout")
-    # Already revoked: still the user's own (True), and the first revocation is kept.
-    assert await sessions.revoke_own(db, alice.id, mine.family.id, NOW + HOUR, "other") is True
+    # Already revoked: still the user's own (found, not revoked now), and the first revocation is kept.
+    assert await sessions.revoke_own(db, alice.id, mine.family.id, NOW + HOUR, "other") == sessions.Revoked(
+        mine.family.id, alice.id, now=False
+    )
     row = await family_row(engine, mine.family.id)
     assert (row.revoked_at, row.revoked_reason) == (NOW, "logout")
     assert (await family_row(engine, theirs.family.id)).revoked_at is None

@@ -47,7 +47,6 @@ CONFIG_VARIABLES = (
     "CLEANUP_RETENTION",
     "DB_POOL_SIZE",
     "ACCESS_LOG",
-    "LOG_REFRESHES",
     "ALLOWED_ORIGINS",
     "TRUSTED_PROXIES",
     "ISSUER_KEK",
@@ -55,6 +54,10 @@ CONFIG_VARIABLES = (
     "ARGON2_MEMORY_COST",
     "ARGON2_TIME_COST",
     "ARGON2_PARALLELISM",
+    "REUSE_REVOKES",
+    "REFRESH_BINDING",
+    "DATABASE_LISTEN_URL",
+    "ACCOUNT_PAGE",
 )
 
 
@@ -80,13 +83,16 @@ def settings_environ(settings: Settings) -> dict[str, str]:
         "CLEANUP_RETENTION": str(settings.cleanup_retention),
         "DB_POOL_SIZE": str(settings.db_pool_size),
         "ACCESS_LOG": str(settings.access_log).lower(),
-        "LOG_REFRESHES": str(settings.log_refreshes).lower(),
         "ALLOWED_ORIGINS": ",".join(settings.allowed_origins),
         "TRUSTED_PROXIES": ",".join(settings.trusted_proxies),
         "ISSUER_KEK": encode_kek(settings.kek.reveal()),
         "ARGON2_MEMORY_COST": str(settings.argon2.memory_cost_kib),
         "ARGON2_TIME_COST": str(settings.argon2.time_cost),
         "ARGON2_PARALLELISM": str(settings.argon2.parallelism),
+        "REUSE_REVOKES": settings.reuse_revokes,
+        "REFRESH_BINDING": settings.refresh_binding,
+        "DATABASE_LISTEN_URL": settings.database_listen_url,
+        "ACCOUNT_PAGE": str(settings.account_page).lower(),
     }
 
 

@@ -1,0 +1,110 @@
+"""RFC 7662 introspection and RFC 7009 revocation, for registered clients.
+
+Introspection answers for the truth, not for the signature alone: an access token is active only while its
+signature, ``exp``, signing key, ``tokenVersion``, session and user all still hold (one round trip reads the
+session and the user together). A refresh token is active while it could be redeemed, and is only read,
+never consumed. Every inactive answer is exactly ``{"active": false}``: a client learns nothing about why.
+
+Revocation takes a refresh token or an access token and revokes the whole session either names (an access
+token cannot be revoked alone: it is a self-contained JWT, so its session is what dies, and verifiers
+following the feed refuse it from then on). Unknown, expired and already revoked tokens get the same 200.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from datetime import datetime
+from typing import Any
+
+from issuer.access.bearer import BearerAuth
+from issuer.errors import InvalidToken, NotFound, UnsupportedTokenType
+from issuer.keys.manager import KeyManager
+from issuer.sessions.families import RefreshFamilies
+from issuer.settings import Settings
+from issuer.storage import sessions
+from issuer.storage.database import Database
+from issuer.verifier import TokenError
+from issuer.verifier.errors import WrongType
+from issuer.verifier.verify import key_for, parse_token, verify_signature
+
+INACTIVE: dict[str, Any] = {"active": False}
+_REFRESH_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+class TokenIntrospection:
+    def __init__(
+        self, db: Database, bearer: BearerAuth, keys: KeyManager, families: RefreshFamilies, settings: Settings
+    ) -> None:
+        self._db = db
+        self._bearer = bearer
+        self._keys = keys
+        self._families = families
+        self._settings = settings
+
+    async def introspect(self, token: str, hint: str | None, *, now: datetime) -> dict[str, Any]:
+        # The hint only orders the lookups (RFC 7662 section 2.1); the two token kinds cannot be confused.
+        if _REFRESH_SHAPE.fullmatch(token):
+            return await self._refresh(token, now)
+        return await self._access(token, now)
+
+    async def _access(self, token: str, now: datetime) -> dict[str, Any]:
+        try:
+            claims = self._bearer.verify(token)
+        except InvalidToken:
+            return INACTIVE
+        sid = claims["sid"]
+        user = await sessions.user_of_live_family(self._db, sid, now) if isinstance(sid, str) else None
+        if user is None or user.id != claims["sub"] or user.token_version != claims["tokenVersion"]:
+            return INACTIVE
+        return {
+            "active": True,
+            "token_type": "access_token",
+            "iss": claims["iss"],
+            "aud": claims["aud"],
+            "sub": claims["sub"],
+            "exp": claims["exp"],
+            "iat": claims["iat"],
+            "jti": claims["jti"],
+            "sid": sid,
+            "username": user.email,
+            "role": user.role,
+            "tokenVersion": user.token_version,
+        }
+
+    async def _refresh(self, token: str, now: datetime) -> dict[str, Any]:
+        live = await self._families.live(token, now=now)
+        if live is None:
+            return INACTIVE
+        return {
+            "active": True,
+            "token_type": "refresh_token",
+            "iss": self._settings.issuer_url,
+            "sub": live.user.id,
+            "sid": live.family_id,
+            "iat": int(live.issued_at.timestamp()),
+            "exp": int(live.expires_at.timestamp()),
+            "username": live.user.email,
+        }
+
+    async def revoke(self, token: str, *, now: datetime) -> None:
+        """Revoke the session of a refresh or access token (with its event); silently nothing for a token
+        that is unknown, dead or not ours. UnsupportedTokenType for a JWT of ours that is not an access
+        token (a Security Event Token, say)."""
+        if _REFRESH_SHAPE.fullmatch(token):
+            await self._families.revoke_by_token(token, now=now, reason="revocation")
+            return
+        try:
+            parsed = parse_token(token)
+            # Any expiry: an expired token's session may still be live. The key must still be published.
+            _, key = key_for(parsed, self._keys.ring.verification_key_map(now))
+            claims = verify_signature(parsed, key)
+        except WrongType:
+            raise UnsupportedTokenType("Only refresh tokens and access tokens can be revoked.") from None
+        except TokenError:
+            return
+        sub, sid = claims.get("sub"), claims.get("sid")
+        if claims.get("iss") != self._settings.issuer_url or not isinstance(sub, str) or not isinstance(sid, str):
+            return
+        with contextlib.suppress(NotFound):
+            await self._families.revoke_session(sub, sid, now=now, reason="revocation")

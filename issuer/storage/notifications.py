@@ -1,0 +1,122 @@
+"""PostgreSQL LISTEN on one dedicated connection, so every replica hears key changes and revocation events
+within milliseconds of their commit.
+
+LISTEN needs a session of its own (a transaction pooler hands each transaction to any server connection),
+so this connection is not taken from the pool and may use its own URL (``DATABASE_LISTEN_URL``). It is an
+accelerator, never the only path: while it is down, everything that waits on it falls back to periodic
+polling, and after every (re)connection each handler is called once with no payload, because notifications
+sent while nobody listened are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from issuer.storage.database import CONNECT_TIMEOUT, connect_arguments
+
+log = logging.getLogger("issuer.storage")
+
+Handler = Callable[[str | None], None]
+
+HEALTH_INTERVAL = 5.0  # a silent network partition is noticed by the next round trip
+MAX_BACKOFF = 10.0
+
+
+class Listener:
+    """LISTEN on each channel given to :meth:`on` before :meth:`start`."""
+
+    def __init__(self, database_url: str) -> None:
+        self._connect = connect_arguments(database_url)
+        self._handlers: dict[str, list[Handler]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        """True while notifications arrive; False means callers must poll."""
+        return self._connected.is_set()
+
+    def on(self, channel: str, handler: Handler) -> None:
+        """Call ``handler`` with each notification's payload on ``channel`` (and with None after each
+        (re)connection)."""
+        self._handlers.setdefault(channel, []).append(handler)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="issuer-listen")
+
+    async def wait_connected(self) -> None:
+        """Until the connection is up (callers bound the wait with ``asyncio.timeout``)."""
+        await self._connected.wait()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await self._listen()
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "LISTEN connection lost (%s: %s); polling until it is back",
+                    type(exc).__name__,
+                    exc,
+                    extra={"event": "listen_lost"},
+                )
+            self._connected.clear()
+            await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 (jitter, not a secret)
+            backoff = min(MAX_BACKOFF, backoff * 2)
+
+    async def _listen(self) -> None:
+        conn: asyncpg.Connection = await asyncpg.connect(**{"timeout": CONNECT_TIMEOUT, **self._connect})
+        try:
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def on_terminated(_conn: object) -> None:
+                if not lost.done():
+                    lost.set_result(None)
+
+            conn.add_termination_listener(on_terminated)
+            for channel, handlers in self._handlers.items():
+                await conn.add_listener(channel, _deliver(handlers))
+            self._connected.set()
+            for handlers in self._handlers.values():
+                for handler in handlers:
+                    handler(None)  # whatever was announced while nobody listened
+            while not lost.done():
+                await asyncio.wait({lost}, timeout=HEALTH_INTERVAL)
+                if not lost.done():
+                    await conn.fetchval("SELECT 1", timeout=HEALTH_INTERVAL)
+            raise ConnectionError("the server closed the LISTEN connection")
+        finally:
+            self._connected.clear()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), timeout=1.0)
+            if not conn.is_closed():
+                conn.terminate()
+
+
+def _deliver(handlers: list[Handler]) -> Callable[[Any, int, str, object], None]:
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        for handler in handlers:
+            try:
+                handler(str(payload))
+            except Exception:
+                log.exception("notification handler failed")
+
+    return on_notify
