@@ -76,3 +76,12 @@ def with_settings(settings: Settings, **changes: object) -> Settings:
     changed = replace(settings, **changes)  # type: ignore[arg-type]
     changed.validate()
     return changed
+
+
+# A LISTEN URL nothing answers: a replica that hears no notification and learns changes only by re-reading,
+# the worst case the periodic reload still covers.
+UNREACHABLE_LISTEN_URL = "postgresql://postgres@127.0.0.1:1/nothing"
+
+
+def without_listen(settings: Settings) -> Settings:
+    return with_settings(settings, database_listen_url=UNREACHABLE_LISTEN_URL)
