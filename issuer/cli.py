@@ -50,6 +50,9 @@ except ModuleNotFoundError as exc:
     _missing_server_dependency = exc.name
 
 
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit status 1."""
 
@@ -234,6 +237,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         # Off by default: a line per request costs more than serving the JWKS; the audit events (logins,
         # refreshes, reuse, logouts, key changes) are logged either way, and gateways log requests.
         access_log=settings.access_log,
+        # On SIGTERM uvicorn waits for open requests; a feed long poll would hold a deploy up to 25 s. After
+        # this many seconds the rest are cancelled: a verifier just polls again (on another replica).
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     return 0
 

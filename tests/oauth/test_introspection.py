@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from tests.support.clock import FakeClock
 from tests.support.http import PASSWORD, assert_error, bearer, delete_account, login, refresh_body, register
@@ -200,3 +201,15 @@ async def test_a_forged_access_token_revokes_nothing(
         forged = rsa_signed(key_header, claims, attacker_key)
         assert (await revoke(client, gateway, forged)).status_code == 200
     assert (await refresh_body(client, victim["refresh_token"])).status_code == 200
+
+
+async def test_a_token_below_the_users_version_is_inactive_even_while_its_session_lives(
+    issuer: IssuerHarness, client: httpx.AsyncClient, gateway: Credentials
+) -> None:
+    """Logout-all raises the version and revokes the sessions together; the version rule stands on its own
+    anyway (a version raised by any other path, an operator's SQL included, must not leave tokens active)."""
+    await register(client)
+    tokens = await login(client)
+    async with issuer.engine.begin() as conn:
+        await conn.execute(text("UPDATE users SET token_version = token_version + 1"))
+    assert await answer(client, gateway, tokens["access_token"]) == INACTIVE
