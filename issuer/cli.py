@@ -75,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "dev":
                 # In the environment, not only in these settings: each uvicorn worker reads its own.
                 os.environ.setdefault("ACCOUNT_PAGE", "true")
+                # The issuer is where it listens, unless told otherwise (`issuer dev --port 8411`).
+                os.environ.setdefault("ISSUER_URL", f"http://{_url_host(args.host)}:{args.port}")
             settings = Settings.from_environ()
             return args.handler(settings, args) or 0
     except (ConfigError, CommandError, KeyDecryptionError, RotationRefused, EmbeddedPostgresError) as exc:
@@ -85,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _protect_kid(argv: list[str]) -> list[str]:
