@@ -65,6 +65,10 @@ class SetSigner:
         self._size = size
         self._signed: OrderedDict[tuple[int, str, str], tuple[str, str]] = OrderedDict()
 
+    def has(self, event: Event, audience: str, key: LoadedKey) -> bool:
+        """Whether :meth:`sign` would answer from what it keeps, without signing."""
+        return (event.seq, audience, key.record.kid) in self._signed
+
     def sign(self, event: Event, audience: str, key: LoadedKey) -> tuple[str, str]:
         """``(jti, compact SET)`` of ``event`` for the client ``audience``, signed with ``key``."""
         cache_key = (event.seq, audience, key.record.kid)

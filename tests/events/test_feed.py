@@ -247,3 +247,25 @@ async def test_after_a_key_revoke_sets_are_signed_by_a_published_key(
     after, _ = await poll_all(client, gateway)
     assert segments(after[0])[0]["kid"] != old_kid
     await decoded(client, gateway, after)  # verifies against the JWKS, which no longer has the old key
+
+
+async def test_a_backlog_is_signed_a_bounded_page_at_a_time(
+    issuer: IssuerHarness, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new client reading a long backlog must not hold the worker's only thread for a second of RSA: each
+    answer signs at most SIGNATURES_PER_ANSWER new SETs and says moreAvailable; signed ones come back free."""
+    monkeypatch.setattr(feed_module, "SIGNATURES_PER_ANSWER", 3)
+    for _ in range(7):
+        await events.append(
+            issuer.services.db,
+            events.Event(str(uuid.uuid4()), issuer.clock(), events.ACCOUNT_PURGED, str(uuid.uuid4()), None, None, "x"),
+        )
+    gateway = await new_client(issuer, "events")
+    first = (await poll(client, gateway, maxEvents=1000)).json()
+    assert (len(first["sets"]), first["moreAvailable"]) == (3, True)
+    second = (await poll(client, gateway, maxEvents=1000, cursor=first["cursor"])).json()
+    assert (len(second["sets"]), second["moreAvailable"]) == (3, True)
+    # From the start again: the six already signed cost nothing, the seventh is new.
+    again = (await poll(client, gateway, maxEvents=1000)).json()
+    assert (len(again["sets"]), again["moreAvailable"]) == (7, False)
+    assert set(first["sets"]) | set(second["sets"]) < set(again["sets"])
