@@ -152,6 +152,9 @@ def test_wheel_carries_every_module_and_the_migrations(installed: Installed) -> 
         for path in [*migrations.rglob("*.py"), migrations / "script.py.mako"]
     }
     expected.add("issuer/py.typed")
+    expected.add("issuer/http/openapi.json")  # package data: GET /openapi.json serves it
+    # The browser client and the account page (clients/js/ in the repository; GET /sdk/auth-client.js, /account).
+    expected |= {f"issuer/web/{path.name}" for path in (installed.source / "clients" / "js").iterdir()}
     assert sorted(expected - names) == []
     assert not [name for name in names if name.startswith("migrations/")], "migrations/ must not be a top-level package"
 
@@ -216,6 +219,12 @@ def test_installed_issuer_migrates_lists_keys_and_serves(
         jwks = httpx.get(f"http://127.0.0.1:{port}/.well-known/jwks.json", timeout=5)
         assert jwks.status_code == 200
         assert len(jwks.json()["keys"]) >= 1
+        described = httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=5)
+        assert described.status_code == 200
+        assert described.json()["servers"] == [{"url": env["ISSUER_URL"]}]
+        sdk = httpx.get(f"http://127.0.0.1:{port}/sdk/auth-client.js", timeout=5)
+        assert sdk.status_code == 200
+        assert sdk.content == (installed.source / "clients" / "js" / "auth-client.js").read_bytes()
     finally:
         server.terminate()
         try:
