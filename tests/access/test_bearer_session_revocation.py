@@ -3,23 +3,13 @@ moments of the revocation (learned from the revocation events: no extra round tr
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 
 from issuer.settings import Settings
 from tests.support.clock import FakeClock
-from tests.support.http import assert_invalid_token, bearer, login, me, register
+from tests.support.http import assert_invalid_token, bearer, login, me, refused_soon, register
 from tests.support.issuer import IssuerHarness, running_issuer, with_settings
 from tests.support.jwt import jwt_claims
-
-
-async def refused_soon(client: httpx.AsyncClient, token: str) -> httpx.Response:
-    """The answer to /auth/me once it is no longer 200 (bounded: a hang fails the test, it is no speed target)."""
-    async with asyncio.timeout(10):
-        while (response := await me(client, token)).status_code == 200:  # noqa: ASYNC110 (another task's state)
-            await asyncio.sleep(0.02)
-    return response
 
 
 async def test_logout_and_session_deletion_end_that_sessions_access_token_everywhere(

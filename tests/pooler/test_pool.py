@@ -174,6 +174,7 @@ async def test_each_statement_costs_two_round_trips_through_a_pooler(
         proxied = with_settings(settings, database_url=proxy.url(pooled_url), db_pool_size=1)
         async with running_issuer(proxied, clock) as harness, harness.client() as client:
             await harness.services.keys.stop()  # the periodic key reload has statements of its own
+            await harness.services.revoked_sessions.stop()  # and so would the reading of revocation events
             await register(client)
             tokens = await login(client)
             refresh = tokens["refresh_token"]

@@ -20,7 +20,7 @@ from tests.support.families import (
     rotate_ok,
     start_session,
 )
-from tests.support.http import assert_error, bearer, refresh_body, register
+from tests.support.http import assert_error, bearer, refresh_body, refused_soon, register
 from tests.support.issuer import IssuerHarness
 from tests.support.jwt import jwt_claims
 
@@ -65,7 +65,10 @@ async def test_reuse_of_an_older_token_kills_the_newest_and_ends_the_session(
     assert_error(await refresh_body(client, t1), 401, "invalid_grant")
     assert_error(await refresh_body(client, t2), 401, "invalid_grant")
     assert_error(await refresh_body(client, t0), 401, "invalid_grant")
-    sessions = await client.get("/auth/sessions", headers=bearer(access2))
+    # The session's access token dies with it, at the issuer too (once the revocation's event is read).
+    assert_error(await refused_soon(client, access2), 401, "invalid_token")
+    other = (await login_response(client)).json()["access_token"]
+    sessions = await client.get("/auth/sessions", headers=bearer(other))
     assert sessions.status_code == 200, sessions.text
     assert sid not in {s["id"] for s in sessions.json()["sessions"]}
     async with issuer.engine.connect() as conn:

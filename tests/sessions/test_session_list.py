@@ -48,7 +48,16 @@ async def test_sessions_list_only_active_families_and_marks_current(
     by_id = {s["id"]: s for s in listed}
     assert set(by_id) == {sid_a, sid_b}
     for session in listed:
-        assert set(session) == {"id", "created_at", "last_used_at", "user_agent", "ip", "current"}
+        assert set(session) == {
+            "id",
+            "created_at",
+            "last_used_at",
+            "user_agent",
+            "ip",
+            "last_user_agent",
+            "last_ip",
+            "current",
+        }
         assert session["ip"] == CLIENT_IP
     assert by_id[sid_a]["current"] is True
     assert by_id[sid_b]["current"] is False

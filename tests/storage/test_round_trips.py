@@ -54,6 +54,7 @@ async def counting_issuer(settings: Settings, clock: FakeClock, **changes: Any) 
         )
         async with running_issuer(proxied, clock) as harness:
             await harness.services.keys.stop()  # the periodic key reload would add its own statements
+            await harness.services.revoked_sessions.stop()  # and so would the reading of revocation events
             yield harness, proxy
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -41,6 +42,16 @@ def bearer(token: str) -> dict[str, str]:
 
 async def me(client: httpx.AsyncClient, token: str) -> httpx.Response:
     return await client.get("/auth/me", headers=bearer(token))
+
+
+async def refused_soon(client: httpx.AsyncClient, token: str) -> httpx.Response:
+    """GET /auth/me's answer once it is no longer 200: a revoked session's token is refused by every replica
+    once it has read the revocation's event (LISTEN), a moment after the revoking answer. Bounded: a hang
+    fails the test; it is not a speed target."""
+    async with asyncio.timeout(10):
+        while (response := await me(client, token)).status_code == 200:  # noqa: ASYNC110 (another task's state)
+            await asyncio.sleep(0.02)
+    return response
 
 
 async def delete_account(client: httpx.AsyncClient, access_token: str, password: str) -> httpx.Response:
