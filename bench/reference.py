@@ -94,6 +94,8 @@ async def refresh(request: Request) -> JSONResponse:
         now,
         hashlib.sha256(successor.encode()).digest(),
         now + REFRESH_TTL,
+        request.client.host if request.client else None,
+        request.headers.get("user-agent"),
     )
     if row is None:
         return JSONResponse({"error": "invalid_grant"}, status_code=401)

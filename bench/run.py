@@ -30,7 +30,8 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench import micro, servers, wrk
+from bench import micro, propagation, servers, wrk
+from bench.peers import simplejwt_bench
 from issuer.sessions.families import FamilyPolicy, RefreshFamilies
 from issuer.settings import Argon2Params, Settings
 from issuer.storage import users
@@ -92,6 +93,8 @@ class Bench:
     def __init__(self, seconds: int, rounds: int, warmup: int, connections: int) -> None:
         self.seconds, self.rounds, self.warmup, self.connections = seconds, rounds, warmup, connections
         self.figures: dict[str, dict[str, Any]] = {}  # every measured load figure, by label (see cpu_table)
+        self.audit_line: dict[str, Any] = {}  # one audit line's CPU against a refresh's (see audit_line_share)
+        self.propagation: dict[str, Any] = {}  # revocation propagation and the feed under load (bench.propagation)
         self.work = Path(tempfile.mkdtemp(prefix="issuer-bench-"))
         self.log = self.work / "servers.log"
         self.db = f"issuer_bench_{secrets.token_hex(4)}"
@@ -180,6 +183,15 @@ class Bench:
         url = f"http://127.0.0.1:{port}"
         env = {**self.env, "ISSUER_URL": url}
         with servers.serving(servers.issuer_command(port, workers), env, f"{url}/readyz", self.log) as group:
+            yield Server(url, group)
+
+    @contextmanager
+    def sidecar(self, issuer_url: str) -> Iterator[Server]:
+        """``issuer-sidecar`` (one process, uvloop and httptools) following ``issuer_url``'s JWKS."""
+        port = servers.free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [str(servers.BIN / "issuer-sidecar"), "--issuer", issuer_url, "--port", str(port)]
+        with servers.serving(command, self.env, f"{url}/readyz", self.log) as group:
             yield Server(url, group)
 
     @contextmanager
@@ -290,11 +302,18 @@ def run_all(bench: Bench) -> list[Row]:
     with bench.issuer(1) as issuer:
         access, logins_file = prepare(bench, issuer.url)
         params = Settings.from_environ({**bench.env, "ISSUER_URL": issuer.url}).argon2
-        with bench.reference("bench.reference:trivial", 1, "/hello", 200) as trivial:
-            rows = light_figures(bench, issuer, trivial, access)
+        with (
+            bench.reference("bench.reference:trivial", 1, "/hello", 200) as trivial,
+            bench.sidecar(issuer.url) as sidecar,
+        ):
+            rows = light_figures(bench, issuer, trivial, sidecar, access)
         with bench.reference(REFERENCE, 1, "/", 404) as reference:
             rows += login_figures(bench, issuer, reference, logins_file, params)
     rows += refresh_figures(bench)
+    events = propagation.measure(bench, logins_file)
+    rows += [Row(*comparison) for comparison in events.comparisons]
+    bench.propagation = events.summary
+    bench.audit_line = audit_line_share(bench)
     rates = micro.verification(3)
     ours, raw, pyjwt = (_per_token(rates[name]) for name in ("ours", "raw", "pyjwt"))
     rows.append(Row("verify", "issuer.verifier, warm cache (per token)", ours, "raw cryptography RSA verify", raw, 0.4))
@@ -304,24 +323,58 @@ def run_all(bench: Bench) -> list[Row]:
     return rows
 
 
-def light_figures(bench: Bench, issuer: Server, trivial: Server, access: Path) -> list[Row]:
-    """JWKS and /auth/me, each against the trivial endpoint, the three taken in turn."""
+def light_figures(bench: Bench, issuer: Server, trivial: Server, sidecar: Server, access: Path) -> list[Row]:
+    """JWKS, /auth/me and the forward-auth sidecar's check, each against the trivial endpoint, taken in turn."""
     light = bench.interleaved(
         {
             "trivial": bench.requests(trivial, "/hello", wrk.PLAIN),
             "jwks": bench.requests(issuer, "/.well-known/jwks.json", wrk.PLAIN),
             "me": bench.requests(issuer, "/auth/me", wrk.BEARER, access),
+            "sidecar": bench.requests(sidecar, "/auth", wrk.BEARER, access),
         }
     )
     trivial_name = "trivial Starlette JSON endpoint"
     return [
         Row("jwks", "GET /.well-known/jwks.json", light["jwks"], trivial_name, light["trivial"], 0.8),
         Row("me", "GET /auth/me (verify + batched user read)", light["me"], trivial_name, light["trivial"], 0.5),
+        # One RSA verification per check (nothing cached per token): thousands per second per core is the aim.
+        Row(
+            "sidecar",
+            "issuer-sidecar GET /auth (forward-auth check)",
+            light["sidecar"],
+            trivial_name,
+            light["trivial"],
+            None,
+        ),
     ]
 
 
+# Every refresh writes one audit line; it must cost less than this share of the refresh's server CPU.
+AUDIT_LINE_TARGET = 0.03
+
+
+def audit_line_share(bench: Bench) -> dict[str, Any]:
+    """One audit line's CPU (``micro.audit_line_cpu``, written to a file next to the servers' log) against the
+    server CPU of one refresh in the 1-worker figure just measured (which includes that line)."""
+    line_s = micro.audit_line_cpu(bench.work / "audit-line.log", 2.0)
+    refresh_ms = bench.figures["refresh (1 worker)"]["cpu"]["ms_per_request"]["server"]
+    share = line_s * 1000 / refresh_ms if refresh_ms else 0.0
+    print(f"  audit line: {line_s * 1e6:.1f} us of CPU, {share:.1%} of a refresh's {refresh_ms * 1000:.0f} us")
+    return {"line_us": round(line_s * 1e6, 2), "refresh_server_us": round(refresh_ms * 1000, 1), "share": share}
+
+
+def audit_line_text(audit: dict[str, Any]) -> str:
+    met = "yes" if audit["share"] < AUDIT_LINE_TARGET else "NO"
+    return (
+        f"One audit line (every refresh writes one): {audit['line_us']:.1f} µs of CPU, "
+        f"{audit['share']:.1%} of a refresh's server CPU ({audit['refresh_server_us']:.0f} µs, 1 worker); "
+        f"target < {AUDIT_LINE_TARGET:.0%}: {met}."
+    )
+
+
 def refresh_figures(bench: Bench) -> list[Row]:
-    """The issuer's refresh and the reference's, on 1 and 2 workers, the four taken in turn."""
+    """The issuer's refresh and the reference's, on 1 and 2 workers, and the simplejwt peer's (when ``make
+    bench`` has installed it), all taken in turn."""
     with ExitStack() as running:
         contenders = {
             "refresh (1 worker)": running.enter_context(bench.issuer(1)),
@@ -329,11 +382,20 @@ def refresh_figures(bench: Bench) -> list[Row]:
             "refresh (2 workers)": running.enter_context(bench.issuer(2)),
             "reference refresh (2 workers)": running.enter_context(bench.reference(REFERENCE, 2, "/", 404)),
         }
-        figures = bench.interleaved({name: bench.refreshes(server) for name, server in contenders.items()})
+        runs = {name: bench.refreshes(server) for name, server in contenders.items()}
+        if simplejwt_bench.installed():
+            peer = running.enter_context(
+                simplejwt_bench.Peer.running(ADMIN_DSN, bench.work, bench.log, EMAIL, HISTORY_FAMILIES)
+            )
+            peer_url, peer_group = running.enter_context(peer.serving())
+            runs[simplejwt_bench.FIGURE] = peer.refreshes(peer_url, peer_group, bench.connections)
+        else:
+            print("  simplejwt peer: not installed (`make bench` installs it), its rows are left out")
+        figures = bench.interleaved(runs)
     ours_1, ours_2 = figures["refresh (1 worker)"], figures["refresh (2 workers)"]
     theirs_1, theirs_2 = figures["reference refresh (1 worker)"], figures["reference refresh (2 workers)"]
     reference = "minimal Starlette+asyncpg refresh"
-    return [
+    rows = [
         Row(
             "refresh", "POST /auth/refresh (body transport), 1 worker", ours_1, f"{reference}, 1 worker", theirs_1, 0.8
         ),
@@ -357,6 +419,18 @@ def refresh_figures(bench: Bench) -> list[Row]:
             ours_1,
             None,
         ),
+    ]
+    return rows + peer_rows(figures, ours_1, theirs_1)
+
+
+def peer_rows(figures: dict[str, dict[str, Any]], ours_1: dict[str, Any], theirs_1: dict[str, Any]) -> list[Row]:
+    """The peer's own figure (its p50 and p99 in its row) and the issuer's refresh against it; context, no target."""
+    peer = figures.get(simplejwt_bench.FIGURE)
+    if peer is None:
+        return []
+    return [
+        Row("simplejwt_refresh", simplejwt_bench.WHAT, peer, "minimal refresh, 1 worker", theirs_1, None),
+        Row("refresh_vs_simplejwt", "POST /auth/refresh, 1 worker", ours_1, "simplejwt refresh, 1 worker", peer, None),
     ]
 
 
@@ -501,6 +575,10 @@ def report(rows: list[Row], bench: Bench, elapsed: float, *, write_doc: bool) ->
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     text = table(rows) + "\n\nWhere the CPU went (per request; from /proc during each load figure):\n\n"
     text += cpu_table(bench.figures)
+    if bench.propagation:
+        text += "\n\n" + propagation.text(bench.propagation)
+    if bench.audit_line:
+        text += "\n\n" + audit_line_text(bench.audit_line)
     print()
     print(text)
     print(f"\n{machine}; whole run {elapsed:.0f} s")
@@ -518,6 +596,8 @@ def report(rows: list[Row], bench: Bench, elapsed: float, *, write_doc: bool) ->
                 "elapsed_s": round(elapsed, 1),
                 "results": {row.name: row.as_dict() for row in rows},
                 "figures": bench.figures,
+                "audit_line": bench.audit_line,
+                "propagation": bench.propagation,
             },
             indent=2,
         )

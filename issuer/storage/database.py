@@ -266,6 +266,13 @@ class Database:
         except InvalidDatabaseURL as exc:  # settings validate the URL first; this is for URLs built in code
             raise ConfigError(f"DATABASE_URL: {exc}") from None
         self._size = size
+        # Requests waiting for a connection are served first come, first served. asyncpg's pool queue is not
+        # fair: a released connection wakes the oldest waiter, but a request that asks before that waiter runs
+        # takes it, and the waiter goes to the back of the line. Under load (32 requests in flight on 10
+        # connections) some lost that race again and again: the 1-worker refresh's p99 in make bench
+        # (docs/performance.md). A semaphore with one permit per connection hands each released permit to its
+        # oldest waiter (asyncio.Semaphore is FIFO since Python 3.11.1), so the pool's own queue never waits.
+        self._turns = asyncio.Semaphore(size)
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
         self._closed = False
@@ -390,7 +397,12 @@ class Database:
         pool = self._pool or await self._open()
         try:
             async with asyncio.timeout(POOL_TIMEOUT):
-                conn = await pool.acquire()
+                await self._turns.acquire()
+                try:
+                    conn = await pool.acquire()
+                except BaseException:
+                    self._turns.release()
+                    raise
         except TimeoutError as exc:
             raise DatabaseUnavailable(
                 f"TimeoutError: no connection within {POOL_TIMEOUT:g} s (all {self._size} busy, or the server "
@@ -401,8 +413,11 @@ class Database:
         return conn
 
     async def _release(self, conn: Connection) -> None:
-        if self._pool is not None:  # else closed: asyncpg's close has already let the connection go
-            await self._pool.release(conn)
+        try:
+            if self._pool is not None:  # else closed: asyncpg's close has already let the connection go
+                await self._pool.release(conn)
+        finally:
+            self._turns.release()
 
     async def _open(self) -> asyncpg.Pool:
         async with self._opening:
