@@ -65,7 +65,9 @@ class RevokedSessions:
         while True:
             page = await events.after(self._db, self._after, PAGE)
             if not page.pruned_through <= self._after <= page.last_seq:
-                self._after = 0  # pruned past us, or a restored database: re-read the kept window (idempotent)
+                # Pruned past us (a fresh process, a long outage), or a database restored to an earlier point:
+                # what is kept starts after pruned_through and is complete (merging is idempotent).
+                self._after = page.pruned_through
                 continue
             now = self._clock().timestamp()
             for event in page.events:

@@ -63,15 +63,17 @@ class SetSigner:
     def __init__(self, issuer: str, size: int = CACHE_SIZE) -> None:
         self._issuer = issuer
         self._size = size
-        self._signed: OrderedDict[tuple[int, str, str], tuple[str, str]] = OrderedDict()
+        self._signed: OrderedDict[tuple[str, str, str], tuple[str, str]] = OrderedDict()
 
     def has(self, event: Event, audience: str, key: LoadedKey) -> bool:
         """Whether :meth:`sign` would answer from what it keeps, without signing."""
-        return (event.seq, audience, key.record.kid) in self._signed
+        return (event.id, audience, key.record.kid) in self._signed
 
     def sign(self, event: Event, audience: str, key: LoadedKey) -> tuple[str, str]:
         """``(jti, compact SET)`` of ``event`` for the client ``audience``, signed with ``key``."""
-        cache_key = (event.seq, audience, key.record.kid)
+        # By the event's id, never its sequence number: after a restore or a failover that lost commits,
+        # numbers are handed out again to other events.
+        cache_key = (event.id, audience, key.record.kid)
         signed = self._signed.get(cache_key)
         if signed is not None:
             self._signed.move_to_end(cache_key)

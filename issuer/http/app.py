@@ -40,6 +40,10 @@ from issuer.storage.database import ConstraintViolation, DatabaseUnavailable, de
 log = logging.getLogger("issuer")
 
 
+# How long start-up waits to read the kept revocation events before serving anyway (they keep coming).
+STARTUP_SYNC_SECONDS = 5.0
+
+
 class AppState(TypedDict):
     """What the lifespan hands to every request (``request.state``; ``scope["state"]`` for ASGI endpoints)."""
 
@@ -77,8 +81,9 @@ def create_app(
             services.keys.start_background()
             services.listener.start()
             try:
-                await services.revoked_sessions.sync()
-            except DatabaseUnavailable:
+                async with asyncio.timeout(STARTUP_SYNC_SECONDS):
+                    await services.revoked_sessions.sync()
+            except (DatabaseUnavailable, TimeoutError):
                 log.warning("could not read revocation events at start-up; will retry in the background")
             services.revoked_sessions.start()
             services.metrics.signing_key_age.set_function(lambda: _signing_key_age(services))

@@ -25,17 +25,19 @@ TOKEN_FIELDS = ("token", "token_type_hint")
 
 async def authenticate_client(svc: Services, request: Request, scope: str) -> Client:
     """The calling client, with ``scope``. Failures are counted per address, like logins: once an address
-    has spent its budget (RATE_LIMIT_PER_IP a minute) it gets 429 before its credentials are even read."""
-    ip = client_ip(request, svc.settings)
-    wait = svc.client_failures.blocked(ip)
-    if wait:
-        svc.metrics.throttled.labels("client", "ip").inc()
-        raise TooManyRequests(int(wait), "Too many failed client authentications from this address.")
+    has spent its budget (RATE_LIMIT_PER_IP a minute) its failures get 429 instead of 401. The credentials are
+    checked first (one hash and one indexed read), so a stranger's bad guesses from a shared address (a NAT,
+    a /64, a proxy not in TRUSTED_PROXIES) never lock a valid gateway out of the feed; against 256-bit
+    secrets the budget is about the log and the CPU, not about guessing."""
     try:
         return await svc.clients.authenticate(request.headers.get("authorization"), scope)
     except InvalidClient:
-        svc.client_failures.acquire(ip)
+        ip = client_ip(request, svc.settings)
         audit("client_auth", "failure", ip=ip, reason="bad or missing client credentials")
+        wait = svc.client_failures.blocked(ip) or svc.client_failures.acquire(ip)
+        if wait:
+            svc.metrics.throttled.labels("client", "ip").inc()
+            raise TooManyRequests(int(wait), "Too many failed client authentications from this address.") from None
         raise
 
 

@@ -7,7 +7,6 @@ with that much entropy a slow password hash adds nothing but cost on every poll 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import re
@@ -102,8 +101,9 @@ def _basic_credentials(authorization: str | None) -> tuple[str, str]:
     if scheme.lower() != "basic" or not encoded.strip():
         raise InvalidClient("This endpoint needs client credentials (HTTP Basic).")
     try:
+        # ValueError: binascii.Error, and non-ASCII text (Starlette decodes header bytes as latin-1).
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:
         raise InvalidClient("The Basic credentials are not valid base64 of UTF-8 text.") from None
     client_id, colon, secret = decoded.partition(":")
     if not colon:

@@ -53,8 +53,13 @@ class TokenIntrospection:
             claims = self._bearer.verify(token)
         except InvalidToken:
             return INACTIVE
+        if claims["exp"] <= now.timestamp():
+            # Active means unexpired (RFC 7662): CLOCK_LEEWAY is for verifiers' clocks, and the client
+            # asking applies its own.
+            return INACTIVE
         sid = claims["sid"]
-        user = await sessions.user_of_live_family(self._db, sid, now) if isinstance(sid, str) else None
+        live = await sessions.user_of_live_family(self._db, sid, now) if isinstance(sid, str) else None
+        user = None if live is None else live.user
         if user is None or user.id != claims["sub"] or user.token_version != claims["tokenVersion"]:
             return INACTIVE
         return {

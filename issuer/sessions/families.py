@@ -116,7 +116,7 @@ class RefreshFamilies:
             self._db, presented_hash, successor_hash, now, now + self._policy.refresh_ttl, ip=ip, user_agent=user_agent
         )
         if won is not None:
-            flagged = self._policy.refresh_binding != binding.OFF and binding.suspicious(ip, user_agent, won.recent)
+            flagged = self._suspicious(ip, user_agent, won.recent)
             if flagged and self._policy.refresh_binding == binding.REJECT:
                 # The successor was issued by the same statement; revoking the session kills it with the rest.
                 await self._revoke(won.user.id, won.family_id, now, "binding")
@@ -138,7 +138,13 @@ class RefreshFamilies:
             if owner is None:
                 raise InvalidGrant("The refresh token's session has ended.")
             assert found.successor_expires_at is not None
-            return Rotation(owner, IssuedRefresh(successor, found.family_id, found.successor_expires_at), replayed=True)
+            # A replay from another network and browser inside the window is the thief's, not a second tab's.
+            flagged = self._suspicious(ip, user_agent, owner.recent)
+            if flagged and self._policy.refresh_binding == binding.REJECT:
+                await self._revoke(owner.user.id, found.family_id, now, "binding")
+                raise SuspiciousRefresh()
+            issued = IssuedRefresh(successor, found.family_id, found.successor_expires_at)
+            return Rotation(owner.user, issued, replayed=True, suspicious=flagged)
         revoked_now = await self._revoke_for_reuse(found, now)
         if revoked_now:
             audit(
@@ -150,6 +156,9 @@ class RefreshFamilies:
                 session_id=found.family_id,
             )
         raise RefreshTokenReused(family_revoked=revoked_now)
+
+    def _suspicious(self, ip: str | None, user_agent: str | None, recent: tuple[sessions.Use, ...]) -> bool:
+        return self._policy.refresh_binding != binding.OFF and binding.suspicious(ip, user_agent, recent)
 
     def _in_grace(self, found: sessions.Presented, now: datetime) -> bool:
         """A repeat of the token just rotated, inside the grace window, whose successor is still unused: a

@@ -19,14 +19,19 @@ from typing import Any
 
 import asyncpg
 
-from issuer.storage.database import CONNECT_TIMEOUT, connect_arguments
+from issuer.storage.database import CONNECT_TIMEOUT, behind_pooler, connect_arguments
 
 log = logging.getLogger("issuer.storage")
 
 Handler = Callable[[str | None], None]
 
 HEALTH_INTERVAL = 5.0  # a silent network partition is noticed by the next round trip
+MIN_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
+
+
+class ListenBehindPooler(Exception):
+    """The LISTEN connection reached PostgreSQL through a transaction pooler (see the message)."""
 
 
 class Listener:
@@ -37,6 +42,8 @@ class Listener:
         self._handlers: dict[str, list[Handler]] = {}
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
+        self._established = False
+        self._pooler_reported = False
 
     @property
     def connected(self) -> bool:
@@ -64,13 +71,17 @@ class Listener:
             self._task = None
 
     async def _run(self) -> None:
-        backoff = 0.5
+        backoff = MIN_BACKOFF
         while True:
             try:
                 await self._listen()
-                backoff = 0.5
             except asyncio.CancelledError:
                 raise
+            except ListenBehindPooler as exc:
+                if not self._pooler_reported:
+                    log.error("%s", exc)
+                    self._pooler_reported = True
+                backoff = MAX_BACKOFF
             except Exception as exc:
                 log.warning(
                     "LISTEN connection lost (%s: %s); polling until it is back",
@@ -79,6 +90,9 @@ class Listener:
                     extra={"event": "listen_lost"},
                 )
             self._connected.clear()
+            if self._established:
+                backoff = MIN_BACKOFF  # it worked, then dropped: try again at once, not after the last delay
+                self._established = False
             await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311 (jitter, not a secret)
             backoff = min(MAX_BACKOFF, backoff * 2)
 
@@ -92,9 +106,18 @@ class Listener:
                     lost.set_result(None)
 
             conn.add_termination_listener(on_terminated)
+            if await behind_pooler(conn):
+                # A transaction pooler answers LISTEN but hands the session back at once: nothing would ever
+                # arrive while this reported itself connected. Stay disconnected, so every waiter polls.
+                raise ListenBehindPooler(
+                    "DATABASE_LISTEN_URL: the LISTEN connection goes through a connection pooler, which delivers "
+                    "no notifications; point DATABASE_LISTEN_URL straight at PostgreSQL (key changes and "
+                    "revocations now reach this process only by periodic re-reads)"
+                )
             for channel, handlers in self._handlers.items():
                 await conn.add_listener(channel, _deliver(handlers))
             self._connected.set()
+            self._established = True
             for handlers in self._handlers.values():
                 for handler in handlers:
                     handler(None)  # whatever was announced while nobody listened

@@ -105,6 +105,11 @@ START_AFTER_LOGIN = Statement(f"WITH cleared AS ({lockout.clear_failures_sql('$1
 
 # How many of a session's latest uses a refresh is compared with (issuer.sessions.binding).
 RECENT_USES = 5
+# SQL: the latest RECENT_USES uses of the family ``{family}``, newest first, as an array of [ip, user agent].
+_RECENT_USES = (
+    "ARRAY(SELECT ARRAY[r.ip, r.user_agent] FROM session_uses AS r "
+    f"WHERE r.family_id = {{family}} ORDER BY r.used_at DESC LIMIT {RECENT_USES})"
+)
 
 # The rotation, in one statement. ``consumed`` is the race arbiter: under READ COMMITTED, of N concurrent
 # callers with one token the row lock lets exactly one see the token live; the others re-check the row after
@@ -134,10 +139,7 @@ WITH consumed AS (
     INSERT INTO session_uses (family_id, used_at, ip, user_agent) SELECT touched.id, $2, $5, $6 FROM touched
 )
 SELECT successor.family_id, successor.expires_at, {users.COLUMNS},
-       ARRAY(
-           SELECT ARRAY[r.ip, r.user_agent] FROM session_uses AS r
-           WHERE r.family_id = successor.family_id ORDER BY r.used_at DESC LIMIT {RECENT_USES}
-       ) AS recent
+       {_RECENT_USES.format(family="successor.family_id")} AS recent
 FROM successor
 JOIN touched ON touched.id = successor.family_id
 JOIN users AS u ON u.id = touched.user_id
@@ -155,12 +157,13 @@ WHERE t.token_hash = $1
 """,
     retry_safe=True,
 )
-# The family's user, if the family is live: one statement, so one snapshot. A logout-all (which bumps the
-# version and revokes the families in one statement) is seen entirely or not at all; reading the family
-# and then the user could pair "not revoked" with the new tokenVersion and mint a token that survives it.
+# The family's user, if the family is live, with its recent uses: one statement, so one snapshot. A
+# logout-all (which bumps the version and revokes the families in one statement) is seen entirely or not at
+# all; reading the family and then the user could pair "not revoked" with the new tokenVersion and mint a
+# token that survives it.
 USER_OF_LIVE_FAMILY = Statement(
-    f"SELECT {users.COLUMNS} FROM refresh_families AS f JOIN users AS u ON u.id = f.user_id "
-    f"WHERE f.id = $1 AND {_LIVE_FAMILY}",
+    f"SELECT {users.COLUMNS}, {_RECENT_USES.format(family='f.id')} AS recent "
+    f"FROM refresh_families AS f JOIN users AS u ON u.id = f.user_id WHERE f.id = $1 AND {_LIVE_FAMILY}",
     retry_safe=True,
 )
 # A live token's family and user, changing nothing (introspection must never consume a token).
@@ -265,8 +268,7 @@ async def rotate(
     row = await db.fetchrow(ROTATE, presented_hash, now, successor_hash, longest, ip, user_agent)
     if row is None:
         return None
-    recent = tuple(Use(entry[0], entry[1]) for entry in row["recent"])
-    return Rotated(row["family_id"], row["expires_at"], users.from_row(row), recent)
+    return Rotated(row["family_id"], row["expires_at"], users.from_row(row), _uses(row["recent"]))
 
 
 async def inspect(db: Executor, presented_hash: bytes, successor_hash: bytes, now: datetime) -> Presented | None:
@@ -283,9 +285,19 @@ async def inspect(db: Executor, presented_hash: bytes, successor_hash: bytes, no
     )
 
 
-async def user_of_live_family(db: Executor, family_id: str, now: datetime) -> User | None:
+class LiveFamily(NamedTuple):
+    user: User
+    # The session's latest uses, newest first (at most RECENT_USES).
+    recent: tuple[Use, ...]
+
+
+async def user_of_live_family(db: Executor, family_id: str, now: datetime) -> LiveFamily | None:
     row = await db.fetchrow(USER_OF_LIVE_FAMILY, family_id, now)
-    return None if row is None else users.from_row(row)
+    return None if row is None else LiveFamily(users.from_row(row), _uses(row["recent"]))
+
+
+def _uses(recent: list[list[str | None]]) -> tuple[Use, ...]:
+    return tuple(Use(entry[0], entry[1]) for entry in recent)
 
 
 @dataclass(frozen=True)

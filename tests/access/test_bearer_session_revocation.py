@@ -3,9 +3,13 @@ moments of the revocation (learned from the revocation events: no extra round tr
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import httpx
 
+from issuer.events.feed import event_retention
 from issuer.settings import Settings
+from issuer.storage.cleanup import cleanup
 from tests.support.clock import FakeClock
 from tests.support.http import assert_invalid_token, bearer, login, me, refused_soon, register
 from tests.support.issuer import IssuerHarness, running_issuer, with_settings
@@ -52,3 +56,28 @@ async def test_a_restarted_replica_knows_the_sessions_revoked_before_it_started(
     await client.post("/auth/logout", json={"refresh_token": tokens["refresh_token"]})
     async with running_issuer(settings, clock) as fresh, fresh.client() as fresh_client:
         assert_invalid_token(await me(fresh_client, tokens["access_token"]))
+
+
+async def test_a_replica_starting_after_events_were_pruned_starts_and_still_refuses(
+    issuer: IssuerHarness, client: httpx.AsyncClient, settings: Settings, clock: FakeClock
+) -> None:
+    """The kept window starts after the pruned events: a new process reads it from there (it once looped
+    forever on "my position is below the pruned ones", and never finished starting)."""
+    await register(client)
+    old = await login(client)
+    await client.post("/auth/logout", json={"refresh_token": old["refresh_token"]})
+    clock.advance(3600)
+    recent, kept = await login(client), await login(client)
+    await client.post("/auth/logout", json={"refresh_token": recent["refresh_token"]})
+    report = await cleanup(
+        issuer.services.db,
+        now=clock(),
+        retention=timedelta(days=7),
+        failure_window=timedelta(hours=1),
+        event_retention=event_retention(settings),
+    )
+    assert report.events == 1
+    # Refused from the first request: the start-up read the kept window (it does not wait for LISTEN).
+    async with running_issuer(settings, clock) as fresh, fresh.client() as fresh_client:
+        assert_invalid_token(await me(fresh_client, recent["access_token"]))
+        assert (await me(fresh_client, kept["access_token"])).status_code == 200

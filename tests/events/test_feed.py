@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text as sa_text
 
 from issuer.events import feed as feed_module
 from issuer.storage import events
@@ -269,3 +270,22 @@ async def test_a_backlog_is_signed_a_bounded_page_at_a_time(
     again = (await poll(client, gateway, maxEvents=1000)).json()
     assert (len(again["sets"]), again["moreAvailable"]) == (7, False)
     assert set(first["sets"]) | set(second["sets"]) < set(again["sets"])
+
+
+async def test_a_sequence_number_handed_out_again_serves_its_new_event(
+    issuer: IssuerHarness, client: httpx.AsyncClient
+) -> None:
+    """After a restore (or a failover that lost commits) numbers are handed out again: the signed-SET cache
+    must not serve the lost event for the new one."""
+    await register(client)
+    gateway = await new_client(issuer, "events")
+    first, second = await login(client), await login(client)
+    await client.post("/auth/logout", json={"refresh_token": first["refresh_token"]})
+    await poll_all(client, gateway)  # signed and kept
+    async with issuer.engine.begin() as conn:
+        await conn.execute(sa_text("DELETE FROM security_events"))
+        await conn.execute(sa_text("UPDATE security_event_counter SET last_seq = 0, pruned_through = 0"))
+    await client.post("/auth/logout", json={"refresh_token": second["refresh_token"]})
+    sets, _ = await poll_all(client, gateway)
+    [claims] = await decoded(client, gateway, sets)
+    assert claims["sub_id"]["session"]["id"] == jwt_claims(second["access_token"])["sid"]

@@ -115,22 +115,33 @@ async def test_form_encoded_credentials_are_decoded(issuer: IssuerHarness, clien
 
 
 async def test_failed_client_authentication_is_rate_limited_per_address(settings: Settings, clock: FakeClock) -> None:
-    """Guessing costs a budget (RATE_LIMIT_PER_IP a minute, like login); once spent, the address gets 429
-    before its credentials are read, even good ones, while other addresses are unaffected."""
-    async with running_issuer(with_settings(settings, rate_limit_per_ip=5), clock, monotonic=clock.monotonic) as issuer:
+    """Failures cost a budget (RATE_LIMIT_PER_IP a minute, like login): once spent, failures from that address
+    get 429. Good credentials are checked first and always pass, so a stranger's bad guesses from a shared
+    address (a NAT, a /64) never lock a gateway out of the feed."""
+    limited = with_settings(settings, rate_limit_per_ip=5)
+    async with running_issuer(limited, clock, monotonic=clock.monotonic) as issuer:
         good = await new_client(issuer, "introspect")
         bad = Credentials(good.client_id, "wrong")
-        async with issuer.client(ip="198.51.100.9") as attacker, issuer.client(ip="198.51.100.10") as other:
+        async with issuer.client(ip="198.51.100.9") as attacker, issuer.client(ip="198.51.100.9") as gateway:
             for _ in range(5):
-                assert_error(
-                    await attacker.post("/oauth2/introspect", data={"token": "x"}, headers=bad.headers),
-                    401,
-                    "invalid_client",
-                )
-            refused = await attacker.post("/oauth2/introspect", data={"token": "x"}, headers=good.headers)
-            assert_throttled(refused)
-            # Successes are never charged: a busy gateway on another address is unaffected.
+                response = await attacker.post("/oauth2/introspect", data={"token": "x"}, headers=bad.headers)
+                assert_error(response, 401, "invalid_client")
+            assert_throttled(await attacker.post("/oauth2/introspect", data={"token": "x"}, headers=bad.headers))
+            assert_throttled(await attacker.post("/oauth2/introspect", data={"token": "x"}))
             for _ in range(10):
-                assert (await other.post("/oauth2/introspect", data={"token": "x"}, headers=good.headers)).is_success
+                assert (await gateway.post("/oauth2/introspect", data={"token": "x"}, headers=good.headers)).is_success
             clock.advance(60)
-            assert (await attacker.post("/oauth2/introspect", data={"token": "x"}, headers=good.headers)).is_success
+            response = await attacker.post("/oauth2/introspect", data={"token": "x"}, headers=bad.headers)
+            assert_error(response, 401, "invalid_client")
+
+
+@pytest.mark.parametrize("header", [b"Basic \xc3\xa9\xc3\xa9", b"Basic \xff\xfe", b"Basic \xef\xbc\xa1\xef\xbc\xa2"])
+async def test_non_ascii_basic_credentials_are_a_401_not_a_500(issuer: IssuerHarness, header: bytes) -> None:
+    async with issuer.client(raise_app_exceptions=False) as raw:
+        for path in ("/oauth2/introspect", "/oauth2/revoke", "/events/poll"):
+            response = await raw.post(
+                path,
+                content=b"token=x",
+                headers={"Authorization": header, "Content-Type": "application/x-www-form-urlencoded"},  # type: ignore[dict-item]
+            )
+            assert_error(response, 401, "invalid_client")

@@ -213,3 +213,16 @@ async def test_a_token_below_the_users_version_is_inactive_even_while_its_sessio
     async with issuer.engine.begin() as conn:
         await conn.execute(text("UPDATE users SET token_version = token_version + 1"))
     assert await answer(client, gateway, tokens["access_token"]) == INACTIVE
+
+
+async def test_an_access_token_is_inactive_from_its_exp_on_whatever_the_leeway(
+    issuer: IssuerHarness, client: httpx.AsyncClient, gateway: Credentials, clock: FakeClock
+) -> None:
+    """RFC 7662: active means unexpired; CLOCK_LEEWAY is for verifiers' clocks, and the asking client applies
+    its own."""
+    await register(client)
+    token = (await login(client))["access_token"]
+    clock.advance(jwt_claims(token)["exp"] - int(clock().timestamp()) - 1)
+    assert (await answer(client, gateway, token))["active"] is True
+    clock.advance(2)  # one second past exp, inside the leeway
+    assert await answer(client, gateway, token) == INACTIVE

@@ -150,3 +150,23 @@ async def test_off_checks_nothing(settings: Settings, clock: FakeClock) -> None:
         tokens = await login_from(issuer, HOME, FIREFOX_120)
         assert (await refresh_from(issuer, tokens["refresh_token"], ELSEWHERE, THIEF_AGENT)).status_code == 200
         assert await suspicious_count(issuer, "audited") == 0
+
+
+async def test_reject_also_catches_a_thief_replaying_inside_the_grace_window(
+    settings: Settings, clock: FakeClock
+) -> None:
+    """The victim rotates; the thief replays the same token a moment later, inside REFRESH_REUSE_GRACE, from
+    another network and browser: not the benign second tab the window is for."""
+    async with running_issuer(with_settings(settings, refresh_binding="reject"), clock) as issuer:
+        async with issuer.client() as client:
+            await register(client)
+        stolen = (await login_from(issuer, HOME, FIREFOX_120))["refresh_token"]
+        assert (await refresh_from(issuer, stolen, HOME, FIREFOX_120)).status_code == 200
+        clock.advance(2)
+        # The victim's own second tab replaying inside the window is still the same successor.
+        assert (await refresh_from(issuer, stolen, HOME, FIREFOX_120)).status_code == 200
+        thief = await refresh_from(issuer, stolen, ELSEWHERE, THIEF_AGENT)
+        assert_error(thief, 401, "invalid_grant")
+        async with issuer.engine.connect() as conn:
+            reasons = (await conn.execute(text("SELECT revoked_reason FROM refresh_families"))).scalars().all()
+        assert reasons == ["binding"]
