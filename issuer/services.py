@@ -83,6 +83,7 @@ class Services:
             settings,
             clock,
             metrics,
+            monotonic=monotonic,
             session_revoked=revoked_sessions.refuses,
         )
         feed = EventFeed(

@@ -166,7 +166,7 @@ class BearerAuth:
         )
 
     async def authenticate(self, request: HTTPConnection) -> Caller:
-        claims = await self.verify_current(bearer_token(request))
+        claims = await self.verify(bearer_token(request))
         user = await self._users.get(claims["sub"])
         if user is None:
             self._metrics.token_failures.labels("unknown_user").inc()
@@ -179,28 +179,23 @@ class BearerAuth:
             raise InvalidToken("The access token's session has ended.")
         return Caller(user, claims)
 
-    async def verify_current(self, token: str) -> Mapping[str, Any]:
-        """:meth:`verify`, except that a token naming a kid this process does not hold first gets one
-        rate-limited reload of the key table (:class:`UnknownKidReload`) and is checked again after it."""
+    async def verify(self, token: str) -> Mapping[str, Any]:
+        """The claims of an access token that is valid now (signature by a published key, typ, iss, aud,
+        exp/nbf/iat, required claims, an integer tokenVersion); InvalidToken otherwise. The user's state is
+        not read here: :meth:`authenticate` and introspection add that.
+
+        A token naming a kid this process does not hold first gets one rate-limited reload of the key table
+        (:class:`UnknownKidReload`) and is checked again after it: another replica may have just activated
+        the key, and the notification not arrived yet."""
         try:
             claims = self._claims(token)
         except UnknownKey as exc:
-            if True:
+            if not (_names_a_possible_key(token) and await self._unknown_kid_reload()):
                 raise self._refused(exc) from None
             try:
                 claims = self._claims(token)
             except TokenError as again:
                 raise self._refused(again) from None
-        except TokenError as exc:
-            raise self._refused(exc) from None
-        return self._versioned(claims)
-
-    def verify(self, token: str) -> Mapping[str, Any]:
-        """The claims of an access token that is valid now (signature by a published key, typ, iss, aud,
-        exp/nbf/iat, required claims, an integer tokenVersion); InvalidToken otherwise. The user's state is
-        not read here: :meth:`authenticate` and introspection add that."""
-        try:
-            claims = self._claims(token)
         except TokenError as exc:
             raise self._refused(exc) from None
         return self._versioned(claims)

@@ -50,7 +50,7 @@ class TokenIntrospection:
 
     async def _access(self, token: str, now: datetime) -> dict[str, Any]:
         try:
-            claims = self._bearer.verify(token)
+            claims = await self._bearer.verify(token)
         except InvalidToken:
             return INACTIVE
         if claims["exp"] <= now.timestamp():
