@@ -106,8 +106,10 @@ START_AFTER_LOGIN = Statement(f"WITH cleared AS ({lockout.clear_failures_sql('$1
 # How many of a session's latest uses a refresh is compared with (issuer.sessions.binding).
 RECENT_USES = 5
 # SQL: the latest RECENT_USES uses of the family ``{family}``, newest first, as an array of [ip, user agent].
+# Cast to text: asyncpg decodes text[] with its built-in codec, but has to look varchar[] up in the catalog,
+# three round trips on every use where its statement cache is off (behind a transaction pooler).
 _RECENT_USES = (
-    "ARRAY(SELECT ARRAY[r.ip, r.user_agent] FROM session_uses AS r "
+    "ARRAY(SELECT ARRAY[r.ip::text, r.user_agent::text] FROM session_uses AS r "
     f"WHERE r.family_id = {{family}} ORDER BY r.used_at DESC LIMIT {RECENT_USES})"
 )
 

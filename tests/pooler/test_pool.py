@@ -165,13 +165,16 @@ def waits(proxy: PostgresProxy, before: Counter[str]) -> dict[str, int]:
 
 
 async def test_each_statement_costs_two_round_trips_through_a_pooler(
-    settings: Settings, clock: FakeClock, pgbouncer: PgBouncer, pooled_url: str
+    settings: Settings, clock: FakeClock, pgbouncer: PgBouncer, pooled_url: str, pg_url: str
 ) -> None:
     """Directly a warm refresh and a Bearer call are one round trip each (tests/storage/test_round_trips.py).
     Through a pooler asyncpg describes each statement (Parse, Describe, Flush) and then parses it again with its
     Bind (Parse, Bind, Execute, Sync): two round trips, and never a BEGIN."""
     async with counted_through(pgbouncer) as proxy:
-        proxied = with_settings(settings, database_url=proxy.url(pooled_url), db_pool_size=1)
+        # LISTEN straight to PostgreSQL, as the README says to: not through the pooler, nor counted here.
+        proxied = with_settings(
+            settings, database_url=proxy.url(pooled_url), database_listen_url=pg_url, db_pool_size=1
+        )
         async with running_issuer(proxied, clock) as harness, harness.client() as client:
             await harness.services.keys.stop()  # the periodic key reload has statements of its own
             await harness.services.revoked_sessions.stop()  # and so would the reading of revocation events

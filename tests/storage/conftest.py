@@ -186,9 +186,12 @@ async def snapshot(engine: AsyncEngine) -> dict[str, dict[object, tuple[object, 
     tables: dict[str, dict[object, tuple[object, ...]]] = {}
     async with engine.connect() as conn:
         for table in metadata.sorted_tables:
-            key = table.primary_key.columns.values()[0]
             rows = (await conn.execute(select(table))).all()
-            tables[table.name] = {row._mapping[key.name]: tuple(row) for row in rows}
+            keys = table.primary_key.columns.values()
+            if keys:
+                tables[table.name] = {row._mapping[keys[0].name]: tuple(row) for row in rows}
+            else:  # the refresh trail: rows have no identity but their content
+                tables[table.name] = {tuple(row): tuple(row) for row in rows}
     return tables
 
 

@@ -64,6 +64,8 @@ async def test_start_stores_the_family_and_its_first_token_in_one_statement(db: 
         family.ip,
         None,
         None,
+        family.user_agent,  # the latest use is the login, until the first refresh
+        family.ip,
     )
     first = await token_row(engine, token)
     assert first is not None
@@ -162,7 +164,7 @@ async def test_rotate_consumes_exactly_the_presented_token_and_issues_its_succes
         now + HOUR,
         session.family.expires_at,
     )
-    # Nothing else changed: one token consumed, one inserted, one family touched.
+    # Nothing else changed: one token consumed, one inserted, one family touched, one use on its trail.
     after = await snapshot(engine)
     changed = {
         (table, key)
@@ -170,10 +172,12 @@ async def test_rotate_consumes_exactly_the_presented_token_and_issues_its_succes
         for key in after[table].keys() | before[table].keys()
         if after[table].get(key) != before[table].get(key)
     }
+    use = (session.family.id, now, None, None)  # this call named no client address or agent
     assert changed == {
         ("refresh_tokens", session.token_hash),
         ("refresh_tokens", sha256(successor)),
         ("refresh_families", session.family.id),
+        ("session_uses", use),
     }
     assert (await token_row(engine, older)) is not None
     await assert_single_chain(engine, now)
@@ -480,9 +484,10 @@ async def test_user_of_live_family(db: Database) -> None:
     assert await sessions.revoke(db, revoked.family.id, NOW, "logout")
     await storage_users.set_password_hash(db, user.id, user.password_hash, "$argon2id$changed")
 
-    assert await sessions.user_of_live_family(db, live.family.id, NOW) == replace(
-        user, password_hash="$argon2id$changed"
-    )
+    found = await sessions.user_of_live_family(db, live.family.id, NOW)
+    assert found is not None
+    assert found.user == replace(user, password_hash="$argon2id$changed")
+    assert found.recent == (sessions.Use(live.family.ip, live.family.user_agent),)  # the login, so far
     assert await sessions.user_of_live_family(db, live.family.id, NOW + HOUR) is None
     assert await sessions.user_of_live_family(db, revoked.family.id, NOW) is None
     assert await sessions.user_of_live_family(db, "no-such-family", NOW) is None
@@ -576,8 +581,11 @@ async def test_active_lists_the_refreshable_sessions_most_recently_used_first(db
 
     active = await sessions.active(db, user.id, NOW)
     assert [f.id for f in active] == [older.family.id, newer.family.id]
-    assert active[0] == replace(older.family, last_used_at=touched, idle_expires_at=NOW + HOUR)
-    assert active[1] == newer.family
+    # The rotation above named no client, so the latest use has no address or agent.
+    assert active[0] == replace(
+        older.family, last_used_at=touched, idle_expires_at=NOW + HOUR, last_ip=None, last_user_agent=None
+    )
+    assert active[1] == replace(newer.family, last_ip=newer.family.ip, last_user_agent=newer.family.user_agent)
     later = await sessions.active(db, user.id, NOW + HOUR - timedelta(minutes=10))
     assert [f.id for f in later] == [older.family.id]
     assert await sessions.active(db, user.id, NOW + HOUR) == []
