@@ -96,6 +96,7 @@ async def refresh(request: Request) -> JSONResponse:
         now + REFRESH_TTL,
         request.client.host if request.client else None,
         request.headers.get("user-agent"),
+        None,  # the token's route: the reference's tokens carry none
     )
     if row is None:
         return JSONResponse({"error": "invalid_grant"}, status_code=401)

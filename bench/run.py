@@ -137,10 +137,10 @@ class Bench:
                        now() + interval '7 days', 'bench-history', '127.0.0.1'
                 FROM users AS u CROSS JOIN generate_series(1, $1::int)
                 WHERE u.email = $2
-                RETURNING id
+                RETURNING id, user_id
             )
-            INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at, consumed_at)
-            SELECT sha256(convert_to(f.id || ':' || g, 'UTF8')), f.id, now(), now() + interval '7 days',
+            INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at, consumed_at)
+            SELECT sha256(convert_to(f.id || ':' || g, 'UTF8')), f.id, f.user_id, now(), now() + interval '7 days',
                    CASE WHEN g < 5 THEN now() END
             FROM f CROSS JOIN generate_series(1, 5) AS g
             """,

@@ -13,13 +13,13 @@ following the feed refuse it from then on). Unknown, expired and already revoked
 from __future__ import annotations
 
 import contextlib
-import re
 from datetime import datetime
 from typing import Any
 
 from issuer.access.bearer import BearerAuth
 from issuer.errors import InvalidToken, NotFound, UnsupportedTokenType
 from issuer.keys.manager import KeyManager
+from issuer.sessions import tokens
 from issuer.sessions.families import RefreshFamilies
 from issuer.settings import Settings
 from issuer.storage import sessions
@@ -29,7 +29,6 @@ from issuer.verifier.errors import WrongType
 from issuer.verifier.verify import key_for, parse_token, verify_signature
 
 INACTIVE: dict[str, Any] = {"active": False}
-_REFRESH_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class TokenIntrospection:
@@ -44,7 +43,7 @@ class TokenIntrospection:
 
     async def introspect(self, token: str, hint: str | None, *, now: datetime) -> dict[str, Any]:
         # The hint only orders the lookups (RFC 7662 section 2.1); the two token kinds cannot be confused.
-        if _REFRESH_SHAPE.fullmatch(token):
+        if tokens.parse(token) is not None:
             return await self._refresh(token, now)
         return await self._access(token, now)
 
@@ -96,7 +95,7 @@ class TokenIntrospection:
         """Revoke the session of a refresh or access token (with its event); silently nothing for a token
         that is unknown, dead or not ours. UnsupportedTokenType for a JWT of ours that is not an access
         token (a Security Event Token, say)."""
-        if _REFRESH_SHAPE.fullmatch(token):
+        if tokens.parse(token) is not None:
             await self._families.revoke_by_token(token, now=now, reason="revocation")
             return
         try:

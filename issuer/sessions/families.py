@@ -8,11 +8,6 @@ used, a repeat is theft and the whole family dies.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import re
-import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -20,22 +15,11 @@ from datetime import datetime, timedelta
 from issuer.audit import audit
 from issuer.errors import InvalidGrant, NotFound, RefreshTokenReused, SuspiciousRefresh
 from issuer.events import record
-from issuer.sessions import binding
+from issuer.sessions import binding, tokens
 from issuer.storage import sessions, users
 from issuer.storage.database import Database
 from issuer.storage.sessions import Family
 from issuer.storage.users import User
-
-_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-def new_refresh_token() -> str:
-    """256 bits from the OS CSPRNG, base64url without padding (43 characters)."""
-    return secrets.token_urlsafe(32)
-
-
-def token_hash(token: str) -> bytes:
-    return hashlib.sha256(token.encode("ascii")).digest()
 
 
 @dataclass(frozen=True)
@@ -72,15 +56,18 @@ class RefreshFamilies:
         self._secret = successor_secret
 
     def successor_of(self, token: str) -> str:
-        mac = hmac.new(self._secret, b"refresh-successor\x00" + token.encode("ascii"), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+        """The token that rotating ``token`` issues (derived, see the module docstring)."""
+        presented = tokens.parse(token)
+        if presented is None:
+            raise ValueError("not a refresh token")
+        return tokens.successor(presented, self._secret).text
 
     async def start(
         self, user: User, *, now: datetime, user_agent: str | None, ip: str | None, clear_failures_of: str | None
     ) -> IssuedRefresh:
         """Store a family (a session) for a login at ``now`` and its first token, clearing the login's
         failed-attempt count in the same statement. Raises ``UserGone`` when the user was deleted meanwhile."""
-        token = new_refresh_token()
+        token = tokens.new(user.id)
         family_expires = now + self._policy.session_max_age
         token_expires = min(now + self._policy.refresh_ttl, family_expires)
         family = Family(
@@ -95,8 +82,8 @@ class RefreshFamilies:
             revoked_at=None,
             revoked_reason=None,
         )
-        await sessions.start(self._db, family, token_hash(token), clear_failures_of=clear_failures_of)
-        return IssuedRefresh(token, family.id, token_expires)
+        await sessions.start(self._db, family, token.hash, clear_failures_of=clear_failures_of)
+        return IssuedRefresh(token.text, family.id, token_expires)
 
     async def rotate(
         self, presented: str, *, now: datetime, ip: str | None = None, user_agent: str | None = None
@@ -106,14 +93,19 @@ class RefreshFamilies:
         The winner's path is one statement (:data:`issuer.storage.sessions.ROTATE`): consume, insert the
         successor, read the user, all or nothing. Only a token that was not live costs more.
         """
-        if not _TOKEN_SHAPE.fullmatch(presented):
+        token = tokens.parse(presented)
+        if token is None:
             raise InvalidGrant()
-        presented_hash = token_hash(presented)
-        successor = self.successor_of(presented)
-        successor_hash = token_hash(successor)
-
+        successor = tokens.successor(token, self._secret)
         won = await sessions.rotate(
-            self._db, presented_hash, successor_hash, now, now + self._policy.refresh_ttl, ip=ip, user_agent=user_agent
+            self._db,
+            token.hash,
+            successor.hash,
+            now,
+            now + self._policy.refresh_ttl,
+            ip=ip,
+            user_agent=user_agent,
+            route=token.user_id,
         )
         if won is not None:
             flagged = self._suspicious(ip, user_agent, won.recent)
@@ -121,10 +113,10 @@ class RefreshFamilies:
                 # The successor was issued by the same statement; revoking the session kills it with the rest.
                 await self._revoke(won.user.id, won.family_id, now, "binding")
                 raise SuspiciousRefresh()
-            return Rotation(won.user, IssuedRefresh(successor, won.family_id, won.expires_at), False, flagged)
+            return Rotation(won.user, IssuedRefresh(successor.text, won.family_id, won.expires_at), False, flagged)
 
         # Not live: unknown, expired, revoked, or a repeat. Decide which.
-        found = await sessions.inspect(self._db, presented_hash, successor_hash, now)
+        found = await sessions.inspect(self._db, token.hash, successor.hash, now, route=token.user_id)
         if found is None:
             raise InvalidGrant()
         if found.family_ended:
@@ -143,7 +135,7 @@ class RefreshFamilies:
             if flagged and self._policy.refresh_binding == binding.REJECT:
                 await self._revoke(owner.user.id, found.family_id, now, "binding")
                 raise SuspiciousRefresh()
-            issued = IssuedRefresh(successor, found.family_id, found.successor_expires_at)
+            issued = IssuedRefresh(successor.text, found.family_id, found.successor_expires_at)
             return Rotation(owner.user, issued, replayed=True, suspicious=flagged)
         revoked_now = await self._revoke_for_reuse(found, now)
         if revoked_now:
@@ -192,10 +184,11 @@ class RefreshFamilies:
     async def revoke_by_token(self, presented: str, *, now: datetime, reason: str = "logout") -> str | None:
         """Revoke the family a token belongs to, whatever state the token is in, with its event; returns the
         family id, None for a token that was never issued."""
-        if not _TOKEN_SHAPE.fullmatch(presented):
+        token = tokens.parse(presented)
+        if token is None:
             return None
         async with self._db.transaction() as tx:
-            found = await sessions.revoke_by_token(tx, token_hash(presented), now, reason)
+            found = await sessions.revoke_by_token(tx, token.hash, now, reason, route=token.user_id)
             if found is not None and found.now:
                 await record.session_revoked(
                     tx, user_id=found.user_id, session_id=found.family_id, now=now, reason=reason
@@ -204,9 +197,10 @@ class RefreshFamilies:
 
     async def live(self, presented: str, *, now: datetime) -> sessions.LiveToken | None:
         """What a refresh token could be redeemed for right now, without consuming it (introspection)."""
-        if not _TOKEN_SHAPE.fullmatch(presented):
+        token = tokens.parse(presented)
+        if token is None:
             return None
-        return await sessions.live_token_owner(self._db, token_hash(presented), now)
+        return await sessions.live_token_owner(self._db, token.hash, now, route=token.user_id)
 
     async def active_sessions(self, user_id: str, *, now: datetime) -> list[Family]:
         return await sessions.active(self._db, user_id, now)

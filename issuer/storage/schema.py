@@ -67,6 +67,7 @@ session_uses = Table(
     "session_uses",
     metadata,
     Column("family_id", String(36), ForeignKey("refresh_families.id", ondelete="CASCADE"), nullable=False),
+    Column("user_id", String(36), nullable=False),
     Column("used_at", TIMESTAMPTZ, nullable=False),
     Column("ip", String(64), nullable=True),
     Column("user_agent", String(512), nullable=True),
@@ -79,6 +80,9 @@ refresh_tokens = Table(
     # SHA-256 of the opaque token; the token itself is never stored.
     Column("token_hash", LargeBinary(32), primary_key=True),
     Column("family_id", String(36), ForeignKey("refresh_families.id", ondelete="CASCADE"), nullable=False, index=True),
+    # The family's user, which the token carries too (issuer.sessions.tokens): every statement that finds a
+    # token by its hash also names its user, the key a distributed PostgreSQL routes by (docs/scaling.md).
+    Column("user_id", String(36), nullable=False),
     Column("issued_at", TIMESTAMPTZ, nullable=False),
     Column("expires_at", TIMESTAMPTZ, nullable=False, index=True),
     Column("consumed_at", TIMESTAMPTZ, nullable=True),

@@ -69,6 +69,12 @@ LIVE_TOKEN = (
 )
 
 
+# SQL: the refresh_tokens row ``t`` belongs to the user the presented token names (the parameter ``{route}``;
+# NULL for a token from before routes, issuer.sessions.tokens). On one PostgreSQL the hash alone finds the row;
+# the user is what a distributed one routes the statement by (docs/scaling.md).
+_ROUTED = "({route}::text IS NULL OR t.user_id = {route}::text)"
+
+
 def _family(row: Row) -> Family:
     return Family(
         id=row["id"],
@@ -94,10 +100,10 @@ _START = """family AS (
         (id, user_id, created_at, last_used_at, expires_at, idle_expires_at, user_agent, ip, last_user_agent, last_ip)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $8)
 ), trail AS (
-    INSERT INTO session_uses (family_id, used_at, ip, user_agent) VALUES ($1, $3, $8, $7)
+    INSERT INTO session_uses (family_id, user_id, used_at, ip, user_agent) VALUES ($1, $2, $3, $8, $7)
 )
-INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at, consumed_at)
-VALUES ($9, $1, $3, $6, NULL)
+INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at, consumed_at)
+VALUES ($9, $1, $2, $3, $6, NULL)
 """
 START = Statement("WITH " + _START)
 # The same, ending a login: the email's failed-attempt count ($10) is cleared in the same commit.
@@ -119,13 +125,13 @@ _RECENT_USES = (
 # revocation that commits mid-statement wins: the token is consumed, no successor is issued, and no row
 # comes back. The same statement extends the refresh trail and returns the session's recent uses as they
 # were before this one (a statement does not see its own writes). Parameters: $1 presented hash, $2 now,
-# $3 successor hash, $4 now + refresh TTL, $5 client IP, $6 user agent.
+# $3 successor hash, $4 now + refresh TTL, $5 client IP, $6 user agent, $7 the token's route (its user).
 ROTATE = Statement(
     f"""
 WITH consumed AS (
     UPDATE refresh_tokens AS t
     SET consumed_at = $2
-    WHERE t.token_hash = $1 AND {LIVE_TOKEN}
+    WHERE t.token_hash = $1 AND {_ROUTED.format(route="$7")} AND {LIVE_TOKEN}
     RETURNING t.family_id
 ), touched AS (
     UPDATE refresh_families AS f
@@ -134,11 +140,12 @@ WITH consumed AS (
     WHERE f.id = consumed.family_id AND f.revoked_at IS NULL
     RETURNING f.id, f.user_id, f.idle_expires_at
 ), successor AS (
-    INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at, consumed_at)
-    SELECT $3, touched.id, $2, touched.idle_expires_at, NULL FROM touched
+    INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at, consumed_at)
+    SELECT $3, touched.id, touched.user_id, $2, touched.idle_expires_at, NULL FROM touched
     RETURNING family_id, expires_at
 ), trail AS (
-    INSERT INTO session_uses (family_id, used_at, ip, user_agent) SELECT touched.id, $2, $5, $6 FROM touched
+    INSERT INTO session_uses (family_id, user_id, used_at, ip, user_agent)
+    SELECT touched.id, touched.user_id, $2, $5, $6 FROM touched
 )
 SELECT successor.family_id, successor.expires_at, {users.COLUMNS},
        {_RECENT_USES.format(family="successor.family_id")} AS recent
@@ -155,7 +162,7 @@ SELECT f.id AS family_id, f.user_id, t.consumed_at, NOT ({_LIVE_FAMILY}) AS fami
 FROM refresh_tokens AS t
 JOIN refresh_families AS f ON f.id = t.family_id
 LEFT JOIN refresh_tokens AS s ON s.token_hash = $3 AND s.family_id = t.family_id
-WHERE t.token_hash = $1
+WHERE t.token_hash = $1 AND {_ROUTED.format(route="$4")}
 """,
     retry_safe=True,
 )
@@ -172,7 +179,7 @@ USER_OF_LIVE_FAMILY = Statement(
 LIVE_TOKEN_OWNER = Statement(
     f"SELECT t.family_id, t.issued_at, t.expires_at, {users.COLUMNS} FROM refresh_tokens AS t "
     f"JOIN refresh_families AS f ON f.id = t.family_id JOIN users AS u ON u.id = f.user_id "
-    f"WHERE t.token_hash = $1 AND {LIVE_TOKEN}",
+    f"WHERE t.token_hash = $1 AND {_ROUTED.format(route='$3')} AND {LIVE_TOKEN}",
     retry_safe=True,
 )
 REVOKE = Statement(
@@ -181,10 +188,10 @@ REVOKE = Statement(
 # The family of a token, whatever state the token is in; the row comes back whether or not this call
 # revoked it (``revoked`` says which).
 REVOKE_BY_TOKEN = Statement(
-    """
+    f"""
 WITH target AS (
     SELECT f.id, f.user_id FROM refresh_tokens AS t JOIN refresh_families AS f ON f.id = t.family_id
-    WHERE t.token_hash = $1
+    WHERE t.token_hash = $1 AND {_ROUTED.format(route="$4")}
 ), revoked AS (
     UPDATE refresh_families SET revoked_at = $2, revoked_reason = $3
     WHERE id = (SELECT id FROM target) AND revoked_at IS NULL
@@ -264,17 +271,20 @@ async def rotate(
     *,
     ip: str | None = None,
     user_agent: str | None = None,
+    route: str | None = None,
 ) -> Rotated | None:
     """Consume a live token, insert its successor (expiring at ``longest`` or the family's end) and record the
     use; None when the token was not live."""
-    row = await db.fetchrow(ROTATE, presented_hash, now, successor_hash, longest, ip, user_agent)
+    row = await db.fetchrow(ROTATE, presented_hash, now, successor_hash, longest, ip, user_agent, route)
     if row is None:
         return None
     return Rotated(row["family_id"], row["expires_at"], users.from_row(row), _uses(row["recent"]))
 
 
-async def inspect(db: Executor, presented_hash: bytes, successor_hash: bytes, now: datetime) -> Presented | None:
-    row = await db.fetchrow(INSPECT, presented_hash, now, successor_hash)
+async def inspect(
+    db: Executor, presented_hash: bytes, successor_hash: bytes, now: datetime, *, route: str | None = None
+) -> Presented | None:
+    row = await db.fetchrow(INSPECT, presented_hash, now, successor_hash, route)
     if row is None:
         return None
     return Presented(
@@ -310,9 +320,11 @@ class LiveToken:
     user: User
 
 
-async def live_token_owner(db: Executor, token_hash: bytes, now: datetime) -> LiveToken | None:
+async def live_token_owner(
+    db: Executor, token_hash: bytes, now: datetime, *, route: str | None = None
+) -> LiveToken | None:
     """The family and user of a token that could be redeemed at ``now``; None otherwise."""
-    row = await db.fetchrow(LIVE_TOKEN_OWNER, token_hash, now)
+    row = await db.fetchrow(LIVE_TOKEN_OWNER, token_hash, now, route)
     if row is None:
         return None
     return LiveToken(row["family_id"], row["issued_at"], row["expires_at"], users.from_row(row))
@@ -332,9 +344,11 @@ class Revoked:
     now: bool
 
 
-async def revoke_by_token(db: Executor, token_hash: bytes, now: datetime, reason: str) -> Revoked | None:
+async def revoke_by_token(
+    db: Executor, token_hash: bytes, now: datetime, reason: str, *, route: str | None = None
+) -> Revoked | None:
     """Revoke the family of a token, whatever state the token is in; None for an unknown token."""
-    row = await db.fetchrow(REVOKE_BY_TOKEN, token_hash, now, reason)
+    row = await db.fetchrow(REVOKE_BY_TOKEN, token_hash, now, reason, route)
     return None if row is None else Revoked(row["family_id"], row["user_id"], row["revoked"])
 
 

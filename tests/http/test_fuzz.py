@@ -306,7 +306,10 @@ async def test_the_family_check_sees_two_live_tokens(pg_url: str) -> None:
             "INSERT INTO refresh_families (id, user_id, created_at, last_used_at, expires_at, idle_expires_at)"
             " VALUES ('f1', 'u1', now(), now(), now() + interval '1 day', now() + interval '1 day')"
         )
-        token = "INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at) VALUES ($1, 'f1', now(), $2)"
+        token = (
+            "INSERT INTO refresh_tokens (token_hash, family_id, user_id, issued_at, expires_at)"
+            " VALUES ($1, 'f1', 'u1', now(), $2)"
+        )
         await conn.execute(token, b"\x01" * 32, datetime.now(UTC) + timedelta(days=1))
         await conn.execute(token, b"\x02" * 32, datetime.now(UTC) - timedelta(seconds=1))  # expired: not live
         assert await _families_with_two_live_tokens(pg_url) == []

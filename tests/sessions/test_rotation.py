@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.errors import InvalidGrant
+from issuer.sessions import tokens
 from issuer.storage.schema import families, refresh_tokens, signing_keys, users
 from tests.sessions.conftest import db_error_count, reuse_count
 from tests.support.families import (
@@ -58,8 +59,13 @@ async def all_rows(engine: AsyncEngine) -> list[tuple[str, str, object]]:
     return cells
 
 
+def _random_part(token: str) -> bytes:
+    """The 256 random bits after the user's route (issuer.sessions.tokens)."""
+    return base64.urlsafe_b64decode(token[tokens.ROUTE_LENGTH :] + "=")
+
+
 def _forms(token: str) -> tuple[list[str], list[bytes]]:
-    raw = base64.urlsafe_b64decode(token + "=")
+    raw = _random_part(token)
     texts = [token, raw.hex(), base64.b64encode(raw).decode().rstrip("=")]
     return texts, [token.encode(), raw, raw.hex().encode()]
 
@@ -95,16 +101,16 @@ async def test_tokens_are_stored_only_as_sha256(issuer: IssuerHarness, client: h
 
 
 async def test_refresh_tokens_are_256_bit_base64url_and_not_jwts(client: httpx.AsyncClient) -> None:
-    tokens = [(await start_session(client))["refresh_token"]]
-    tokens += [(await login(client))["refresh_token"] for _ in range(20)]
-    tokens.append((await rotate_ok(client, tokens[-1]))["refresh_token"])  # a successor has the same shape
-    for token in tokens:
+    issued = [(await start_session(client))["refresh_token"]]
+    issued += [(await login(client))["refresh_token"] for _ in range(20)]
+    issued.append((await rotate_ok(client, issued[-1]))["refresh_token"])  # a successor has the same shape
+    for token in issued:
         assert REFRESH_TOKEN_SHAPE.fullmatch(token), token
         assert "." not in token
-        assert len(base64.urlsafe_b64decode(token + "=")) == 32
-    assert len(set(tokens)) == len(tokens)
+        assert len(_random_part(token)) == 32
+    assert len(set(issued)) == len(issued)
     # 21 logins' worth of random bits: no byte position is constant (a weak or counter-based generator).
-    raws = [base64.urlsafe_b64decode(t + "=") for t in tokens[:-1]]
+    raws = [_random_part(t) for t in issued[:-1]]
     assert all(len({raw[i] for raw in raws}) > 1 for i in range(32))
 
 

@@ -408,6 +408,7 @@ async def test_statement_failing_after_the_consume_rolls_back_entirely(
             insert(refresh_tokens).values(
                 token_hash=blocker,
                 family_id=other_family,
+                user_id=(await family_row(engine, other_family)).user_id,
                 issued_at=clock(),
                 expires_at=clock() + timedelta(hours=1),
                 consumed_at=clock(),

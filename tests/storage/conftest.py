@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 
 from issuer.storage import sessions, users
 from issuer.storage.database import Database, Executor, Row, Statement, sqlalchemy_url
-from issuer.storage.schema import metadata, refresh_tokens
+from issuer.storage.schema import families, metadata, refresh_tokens
 from issuer.storage.sessions import Family
 from issuer.storage.users import User
 from tests.support.families import sha256
@@ -173,6 +173,7 @@ async def add_token(
             insert(refresh_tokens).values(
                 token_hash=sha256(token),
                 family_id=family_id,
+                user_id=select(families.c.user_id).where(families.c.id == family_id).scalar_subquery(),
                 issued_at=issued,
                 expires_at=expires,
                 consumed_at=consumed,

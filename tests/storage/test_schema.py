@@ -136,10 +136,11 @@ async def test_the_database_is_at_the_newest_revision(engine: AsyncEngine, pg_ur
 # ---------------------------------------------------------------- the constraints the code relies on
 
 
-def _token(family_id: str, token_hash: bytes | None = None) -> dict[str, object]:
+def _token(family_id: str, token_hash: bytes | None = None, user_id: str = "someone") -> dict[str, object]:
     return {
         "token_hash": token_hash or secrets.token_bytes(32),
         "family_id": family_id,
+        "user_id": user_id,
         "issued_at": NOW,
         "expires_at": NOW + HOUR,
     }
@@ -156,4 +157,6 @@ async def test_a_token_hash_is_unique(db: Database, engine: AsyncEngine) -> None
     session = await new_session(db, user.id)
     with pytest.raises(IntegrityError):
         async with engine.begin() as conn:
-            await conn.execute(insert(refresh_tokens).values(**_token(session.family.id, session.token_hash)))
+            await conn.execute(
+                insert(refresh_tokens).values(**_token(session.family.id, session.token_hash, session.family.user_id))
+            )

@@ -172,7 +172,7 @@ async def test_rotate_consumes_exactly_the_presented_token_and_issues_its_succes
         for key in after[table].keys() | before[table].keys()
         if after[table].get(key) != before[table].get(key)
     }
-    use = (session.family.id, now, None, None)  # this call named no client address or agent
+    use = (session.family.id, user.id, now, None, None)  # this call named no client address or agent
     assert changed == {
         ("refresh_tokens", session.token_hash),
         ("refresh_tokens", sha256(successor)),

@@ -24,8 +24,9 @@ from issuer.storage.schema import families, refresh_tokens
 from tests.support.http import PASSWORD, login, refresh_body
 
 ALICE = "alice@example.com"
-# A refresh token: 256 bits, base64url without padding (contract section 2).
-REFRESH_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
+# A refresh token: the user's route (22 characters) and 256 random bits, base64url without padding (contract
+# section 2; issuer.sessions.tokens).
+REFRESH_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{22}[A-Za-z0-9_-]{43}")
 COOKIE_NAME = "refresh_token"
 
 
@@ -40,6 +41,7 @@ def sha256(token: str) -> bytes:
 class TokenRow:
     token_hash: bytes
     family_id: str
+    user_id: str
     issued_at: datetime
     expires_at: datetime
     consumed_at: datetime | None
