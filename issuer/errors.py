@@ -100,6 +100,12 @@ class SuspiciousRefresh(InvalidGrant):
         "sign in again."
     )
 
+    def __init__(self, *, user_id: str, session_id: str) -> None:
+        super().__init__()
+        # For the audit line: whose session the binding check ended.
+        self.user_id = user_id
+        self.session_id = session_id
+
 
 class Unauthenticated(IssuerError):
     """No credentials at all: RFC 6750 section 3.1 says the challenge carries no error code."""

@@ -48,7 +48,7 @@ class Services:
     ip_limiter: IpRateLimiter
     account_ip_limiter: SharedRateLimiter
     clients: ClientRegistry
-    # Failed client authentications per address (charged only on failure, checked before every attempt).
+    # Failed client authentications per address (only failures are charged; see issuer.http.oauth).
     client_failures: IpRateLimiter
     introspection: TokenIntrospection
     feed: EventFeed
@@ -63,7 +63,9 @@ class Services:
     ) -> Services:
         db = Database(settings.database_url, settings.db_pool_size)
         metrics = Metrics()
-        keys = KeyManager(db, settings, clock)
+        # LISTEN for key changes and revocation events, on a connection of its own.
+        listener = Listener(settings.database_listen_url or settings.database_url)
+        keys = KeyManager(db, settings, clock, listening=lambda: listener.connected)
         passwords = Passwords(settings.argon2)
         policy = FamilyPolicy(
             refresh_ttl=timedelta(seconds=settings.refresh_token_ttl),
@@ -75,7 +77,6 @@ class Services:
         accounts = Accounts(db, passwords)
         families = RefreshFamilies(db, policy, successor_secret(settings))
         lockout = LoginLockout(db, LockoutPolicy(threshold=settings.login_lockout_threshold))
-        listener = Listener(settings.database_listen_url or settings.database_url)
         revoked_sessions = RevokedSessions(db, settings, clock, listening=lambda: listener.connected)
         bearer = BearerAuth(
             UserLookup(lambda ids: users.by_ids(db, ids)),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from issuer.errors import CursorExpired, InvalidRequest, ServiceUnavailable
 from issuer.events.sets import SetSigner
 from issuer.keys.manager import KeyManager
 from issuer.settings import Settings
-from issuer.storage import events
+from issuer.storage import events, notifications
 from issuer.storage.database import Database
 
 DEFAULT_MAX_EVENTS = 100
@@ -39,8 +38,8 @@ MAX_EVENTS = 1000
 # New signatures per answer; the rest of the page follows in the next poll (moreAvailable).
 SIGNATURES_PER_ANSWER = 100
 LONG_POLL_SECONDS = 25.0
-POLL_WHILE_DISCONNECTED = 1.0
-POLL_WHILE_CONNECTED = 10.0
+# How often a waiting poll re-reads anyway while notifications arrive (the safety net against a lost one).
+POLL_WHILE_LISTENING = 10.0
 RETENTION_MARGIN = timedelta(minutes=10)
 
 
@@ -95,10 +94,9 @@ class EventFeed:
             remaining = deadline - asyncio.get_running_loop().time()
             if page.events or max_events == 0 or remaining <= 0:
                 break
-            interval = POLL_WHILE_CONNECTED if self._listening() else POLL_WHILE_DISCONNECTED
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(remaining, interval)):
-                    await arrived.wait()
+            await notifications.wait(
+                arrived, min(remaining, notifications.poll_interval(self._listening(), POLL_WHILE_LISTENING))
+            )
         chosen = page.events[:max_events]
         sets: dict[str, str] = {}
         if chosen:

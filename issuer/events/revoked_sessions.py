@@ -19,15 +19,15 @@ from typing import Any
 from issuer.clock import Clock
 from issuer.events.feed import event_retention
 from issuer.settings import Settings
-from issuer.storage import events
+from issuer.storage import events, notifications
 from issuer.storage.database import Database
 from issuer.verifier.revocations import RevocationState, SessionRevoked
 
 log = logging.getLogger("issuer")
 
 PAGE = 1000
-READ_WHILE_DISCONNECTED = 1.0
-READ_WHILE_CONNECTED = 30.0
+# How often the events are re-read anyway while notifications arrive (the safety net against a lost one).
+READ_WHILE_LISTENING = 30.0
 
 
 class RevokedSessions:
@@ -92,10 +92,9 @@ class RevokedSessions:
 
     async def _run(self) -> None:
         while True:
-            interval = READ_WHILE_CONNECTED if self._listening() else READ_WHILE_DISCONNECTED
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._changed.wait()
+            await notifications.wait(
+                self._changed, notifications.poll_interval(self._listening(), READ_WHILE_LISTENING)
+            )
             self._changed.clear()
             try:
                 await self.sync()

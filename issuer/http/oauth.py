@@ -20,12 +20,13 @@ from issuer.storage.clients import Client
 INTROSPECTION_PATH = "/oauth2/introspect"
 REVOCATION_PATH = "/oauth2/revoke"
 POLL_PATH = "/events/poll"
-TOKEN_FIELDS = ("token", "token_type_hint")
+# token_type_hint is not needed (issuer.oauth.introspection) and, like any unknown parameter, ignored.
+TOKEN_FIELDS = ("token",)
 
 
 async def authenticate_client(svc: Services, request: Request, scope: str) -> Client:
-    """The calling client, with ``scope``. Failures are counted per address, like logins: once an address
-    has spent its budget (RATE_LIMIT_PER_IP a minute) its failures get 429 instead of 401. The credentials are
+    """The calling client, with ``scope``. Failures take from a per-address budget (RATE_LIMIT_PER_IP a
+    minute): once it is spent, failures get 429 instead of 401. The credentials are
     checked first (one hash and one indexed read), so a stranger's bad guesses from a shared address (a NAT,
     a /64, a proxy not in TRUSTED_PROXIES) never lock a valid gateway out of the feed; against 256-bit
     secrets the budget is about the log and the CPU, not about guessing."""
@@ -34,7 +35,7 @@ async def authenticate_client(svc: Services, request: Request, scope: str) -> Cl
     except InvalidClient:
         ip = client_ip(request, svc.settings)
         audit("client_auth", "failure", ip=ip, reason="bad or missing client credentials")
-        wait = svc.client_failures.blocked(ip) or svc.client_failures.acquire(ip)
+        wait = svc.client_failures.acquire(ip)
         if wait:
             svc.metrics.throttled.labels("client", "ip").inc()
             raise TooManyRequests(int(wait), "Too many failed client authentications from this address.") from None
@@ -52,7 +53,7 @@ async def introspect(request: Request) -> Response:
     svc = services(request)
     await authenticate_client(svc, request, "introspect")
     form = await read_form(request, TOKEN_FIELDS)
-    answer = await svc.introspection.introspect(_token(form), form.get("token_type_hint"), now=svc.clock())
+    answer = await svc.introspection.introspect(_token(form), now=svc.clock())
     return JSONResponse(answer, headers=NO_STORE)
 
 

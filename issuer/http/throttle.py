@@ -68,17 +68,6 @@ class IpRateLimiter:
             return 0.0
         return _seconds_until_token(bucket.tokens, self._rate)
 
-    def blocked(self, address: str | None) -> float:
-        """0 when the address's bucket holds a token, else the seconds until it does; takes nothing. For
-        limits charged only on failure (client authentication): checked first, then ``acquire`` on failure."""
-        if not self.enabled or address is None:
-            return 0.0
-        key = bucket_key(address)
-        if key not in self._buckets:
-            return 0.0
-        bucket = self._refilled(key)
-        return 0.0 if bucket.tokens >= 1.0 else _seconds_until_token(bucket.tokens, self._rate)
-
     def _refilled(self, key: str) -> _Bucket:
         now = self._monotonic()
         bucket = self._buckets.get(key)

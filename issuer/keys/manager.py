@@ -24,7 +24,7 @@ from issuer.keys.policy import KeyPlan, RotationRefused, plan_revocation, plan_r
 from issuer.keys.records import KeyRecord, KeyState, key_state, signing_record
 from issuer.keys.ring import KeyRing, LoadedKey
 from issuer.settings import Settings
-from issuer.storage import signing_keys
+from issuer.storage import notifications, signing_keys
 from issuer.storage.database import Database
 
 log = logging.getLogger("issuer.keys")
@@ -37,8 +37,13 @@ class ConcurrentKeyChange(RotationRefused):
 
 
 class KeyManager:
-    def __init__(self, db: Database, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, clock: Clock, *, listening: Callable[[], bool] = lambda: False
+    ) -> None:
         self._db = db
+        # Whether key-change notifications arrive (issuer.storage.notifications); while they do not, the
+        # table is re-read every second, so a change still reaches this process within the contract's 1 s.
+        self._listening = listening
         self._settings = settings
         self._clock = clock
         self._ring = KeyRing((), self.retire_grace(settings))
@@ -227,15 +232,16 @@ class KeyManager:
         self._changed.set()
 
     async def _background(self) -> None:
-        """Reload on every announced change, and every KEY_RELOAD_INTERVAL whatever happens: the safety net
-        while the LISTEN connection is down (and the scheduled rotation's clock)."""
+        """Reload on every announced change; re-read every second while notifications do not arrive, and every
+        KEY_RELOAD_INTERVAL whatever happens (the safety net, and the scheduled rotation's clock)."""
         interval = self._settings.key_reload_interval
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(next_tick):
-                    await self._changed.wait()
+            until_tick = next_tick - loop.time()
+            await notifications.wait(
+                self._changed, min(until_tick, notifications.poll_interval(self._listening(), until_tick))
+            )
             self._changed.clear()
             try:
                 if loop.time() >= next_tick:

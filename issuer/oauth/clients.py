@@ -66,7 +66,8 @@ class ClientRegistry:
         if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
             raise InvalidRequest(f"the client's name must be 1 to {MAX_NAME_LENGTH} printable characters")
         chosen = frozenset(scopes)
-        client_id = secrets.token_urlsafe(16)
+        # Hex, not base64url: an id that starts with '-' would read as an option on every command line.
+        client_id = secrets.token_hex(16)
         secret = secrets.token_urlsafe(32)
         await clients.insert(self._db, Client(client_id, name, _secret_hash(secret), chosen, self._clock()))
         return NewClient(client_id, secret, chosen)

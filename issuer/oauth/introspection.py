@@ -26,6 +26,7 @@ from issuer.storage import sessions
 from issuer.storage.database import Database
 from issuer.verifier import TokenError
 from issuer.verifier.errors import WrongType
+from issuer.verifier.sets import SETRefused, parse_set, verified_claims
 from issuer.verifier.verify import key_for, parse_token, verify_signature
 
 INACTIVE: dict[str, Any] = {"active": False}
@@ -41,8 +42,9 @@ class TokenIntrospection:
         self._families = families
         self._settings = settings
 
-    async def introspect(self, token: str, hint: str | None, *, now: datetime) -> dict[str, Any]:
-        # The hint only orders the lookups (RFC 7662 section 2.1); the two token kinds cannot be confused.
+    async def introspect(self, token: str, *, now: datetime) -> dict[str, Any]:
+        """RFC 7662 section 2.1 lets ``token_type_hint`` order the lookups; the two kinds cannot be confused
+        (their shapes differ), so it is accepted and not needed."""
         if tokens.parse(token) is not None:
             return await self._refresh(token, now)
         return await self._access(token, now)
@@ -93,8 +95,8 @@ class TokenIntrospection:
 
     async def revoke(self, token: str, *, now: datetime) -> None:
         """Revoke the session of a refresh or access token (with its event); silently nothing for a token
-        that is unknown, dead or not ours. UnsupportedTokenType for a JWT of ours that is not an access
-        token (a Security Event Token, say)."""
+        that is unknown, dead or not ours. UnsupportedTokenType for a Security Event Token this issuer signed:
+        ours, but not a token that can be revoked."""
         if tokens.parse(token) is not None:
             await self._families.revoke_by_token(token, now=now, reason="revocation")
             return
@@ -104,7 +106,9 @@ class TokenIntrospection:
             _, key = key_for(parsed, self._keys.ring.verification_key_map(now))
             claims = verify_signature(parsed, key)
         except WrongType:
-            raise UnsupportedTokenType("Only refresh tokens and access tokens can be revoked.") from None
+            if self._is_our_set(token, now):
+                raise UnsupportedTokenType("Only refresh tokens and access tokens can be revoked.") from None
+            return  # not ours: RFC 7009 answers an unknown token like any other
         except TokenError:
             return
         sub, sid = claims.get("sub"), claims.get("sid")
@@ -112,3 +116,12 @@ class TokenIntrospection:
             return
         with contextlib.suppress(NotFound):
             await self._families.revoke_session(sub, sid, now=now, reason="revocation")
+
+    def _is_our_set(self, token: str, now: datetime) -> bool:
+        """A Security Event Token this issuer signed (verified; a forged one is just unknown)."""
+        try:
+            parsed = parse_set(token)
+            key = self._keys.ring.verification_key_map(now).get(parsed.kid)
+            return key is not None and verified_claims(parsed, key).get("iss") == self._settings.issuer_url
+        except SETRefused:
+            return False

@@ -112,7 +112,7 @@ class RefreshFamilies:
             if flagged and self._policy.refresh_binding == binding.REJECT:
                 # The successor was issued by the same statement; revoking the session kills it with the rest.
                 await self._revoke(won.user.id, won.family_id, now, "binding")
-                raise SuspiciousRefresh()
+                raise SuspiciousRefresh(user_id=won.user.id, session_id=won.family_id)
             return Rotation(won.user, IssuedRefresh(successor.text, won.family_id, won.expires_at), False, flagged)
 
         # Not live: unknown, expired, revoked, or a repeat. Decide which.
@@ -134,7 +134,7 @@ class RefreshFamilies:
             flagged = self._suspicious(ip, user_agent, owner.recent)
             if flagged and self._policy.refresh_binding == binding.REJECT:
                 await self._revoke(owner.user.id, found.family_id, now, "binding")
-                raise SuspiciousRefresh()
+                raise SuspiciousRefresh(user_id=owner.user.id, session_id=found.family_id)
             issued = IssuedRefresh(successor.text, found.family_id, found.successor_expires_at)
             return Rotation(owner.user, issued, replayed=True, suspicious=flagged)
         revoked_now = await self._revoke_for_reuse(found, now)

@@ -26,6 +26,8 @@ log = logging.getLogger("issuer.storage")
 Handler = Callable[[str | None], None]
 
 HEALTH_INTERVAL = 5.0  # a silent network partition is noticed by the next round trip
+# While the LISTEN connection is down, whoever waits for a notification re-reads this often instead.
+POLL_WHILE_DISCONNECTED = 1.0
 MIN_BACKOFF = 0.5
 MAX_BACKOFF = 10.0
 
@@ -132,6 +134,19 @@ class Listener:
                 await asyncio.wait_for(conn.close(), timeout=1.0)
             if not conn.is_closed():
                 conn.terminate()
+
+
+def poll_interval(listening: bool, while_listening: float) -> float:
+    """How long a waiter may rely on notifications alone before it re-reads: ``while_listening`` while they
+    arrive, else POLL_WHILE_DISCONNECTED (the contract's 1 s for key changes, 2 s for revocations)."""
+    return while_listening if listening else POLL_WHILE_DISCONNECTED
+
+
+async def wait(event: asyncio.Event, seconds: float) -> None:
+    """Until ``event`` is set (a notification) or ``seconds`` have passed (time to re-read)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max(0.0, seconds)):
+            await event.wait()
 
 
 def _deliver(handlers: list[Handler]) -> Callable[[Any, int, str, object], None]:

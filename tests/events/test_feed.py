@@ -206,8 +206,7 @@ async def test_a_long_poll_wakes_on_the_notification_of_a_commit(
     issuer: IssuerHarness, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the periodic re-read pushed out of reach, only the LISTEN notification can end the wait."""
-    monkeypatch.setattr(feed_module, "POLL_WHILE_CONNECTED", 1000.0)
-    monkeypatch.setattr(feed_module, "POLL_WHILE_DISCONNECTED", 1000.0)
+    monkeypatch.setattr(feed_module, "POLL_WHILE_LISTENING", 1000.0)
     issuer.services.feed.long_poll = 1000.0
     async with asyncio.timeout(10):
         await issuer.services.listener.wait_connected()

@@ -547,7 +547,7 @@ async def test_sql_looking_login_never_succeeds(
         lambda t: t + "\x00",
         lambda t: "ü" * 43,
         lambda t: t[:42] + "ü",
-        lambda t: t * 300,
+        lambda t: t * 200,  # long, yet under the 16 KiB body limit
         lambda t: t + "=",
         lambda t: t.upper() if t.upper() != t else t.lower(),
         lambda t: " " + t,

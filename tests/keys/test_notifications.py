@@ -11,7 +11,7 @@ from sqlalchemy import text
 from issuer.settings import Settings
 from tests.support.clock import FakeClock
 from tests.support.http import bearer, login, me, register
-from tests.support.issuer import IssuerHarness, with_settings
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings, without_listen
 from tests.support.jwt import token_kid
 from tests.support.keys import Cli, jwks_kids, replicas
 
@@ -95,3 +95,19 @@ async def test_the_listener_comes_back_after_its_connection_is_killed(settings: 
 async def _reconnected(*instances: IssuerHarness) -> bool:
     await asyncio.sleep(0.05)
     return all(instance.services.listener.connected for instance in instances)
+
+
+async def test_while_listen_is_down_a_replica_rereads_the_keys_every_second(
+    settings: Settings, clock: FakeClock
+) -> None:
+    """The contract's 1 s holds without notifications too: with an hour-long reload interval, only the
+    once-a-second re-read of a replica that cannot LISTEN can have delivered the revoke."""
+    async with (
+        running_issuer(slow_reload(settings), clock) as a,
+        running_issuer(without_listen(slow_reload(settings)), clock) as b,
+        b.client() as client_b,
+    ):
+        assert not b.services.listener.connected
+        kid = next(iter(await jwks_kids(client_b)))
+        await a.services.keys.revoke(kid)
+        await eventually(lambda: _lacks(client_b, kid))

@@ -200,6 +200,9 @@ async def test_a_forged_access_token_revokes_nothing(
     for key_header in (header, {**header, "kid": kid_of(attacker_key)}):
         forged = rsa_signed(key_header, claims, attacker_key)
         assert (await revoke(client, gateway, forged)).status_code == 200
+    # Nor does a forged "SET" get a different answer than any unknown token (only our own is refused).
+    forged_set = rsa_signed({**header, "typ": "secevent+jwt"}, claims, attacker_key)
+    assert (await revoke(client, gateway, forged_set)).status_code == 200
     assert (await refresh_body(client, victim["refresh_token"])).status_code == 200
 
 
