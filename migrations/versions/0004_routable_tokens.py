@@ -20,9 +20,9 @@ depends_on = None
 def upgrade() -> None:
     for table in ("refresh_tokens", "session_uses"):
         op.add_column(table, sa.Column("user_id", sa.String(36), nullable=True))
-        op.execute(
-            f"UPDATE {table} AS t SET user_id = f.user_id FROM refresh_families AS f WHERE f.id = t.family_id"
-        )
+    op.execute("UPDATE refresh_tokens AS t SET user_id = f.user_id FROM refresh_families AS f WHERE f.id = t.family_id")
+    op.execute("UPDATE session_uses AS t SET user_id = f.user_id FROM refresh_families AS f WHERE f.id = t.family_id")
+    for table in ("refresh_tokens", "session_uses"):
         op.alter_column(table, "user_id", nullable=False)
 
 
