@@ -55,6 +55,9 @@ class Row:
     check: str
     ok: bool
     observed: str
+    # Judged against a bound on wall-clock time (the 1 s, fault windows, the bucket's refill): make soak
+    # enforces it; the short soak in make test reports it (tests never assert on wall-clock time).
+    timed: bool = False
 
 
 def check_all(records: list[Record], facts: Facts, database: DatabaseFacts) -> list[Row]:
@@ -218,6 +221,7 @@ def revoked_key_refused(records: list[Record], facts: Facts) -> Row:
         not late and bool(after),
         f"{len(presented)} Bearer calls with its tokens, {len(after)} sent > 1 s after the revoke, "
         f"{len(late)} of those accepted; {seen}",
+        timed=True,
     )
 
 
@@ -236,6 +240,7 @@ def revoked_key_not_signing(records: list[Record], facts: Facts) -> Row:
         "no replica signed with a revoked key 1 s after the revoke",
         not late,
         f"{len(signed)} tokens signed with it in the run, {len(late)} requested > 1 s after the revoke{seen}",
+        timed=True,
     )
 
 
@@ -276,6 +281,7 @@ def no_5xx_outside_faults(records: list[Record], facts: Facts) -> Row:
         "zero 5xx (or broken connections) outside the fault windows",
         not failed,
         f"{len(outside)} requests outside the windows, {len(failed)} failed" + (f" ({dict(kinds)})" if kinds else ""),
+        timed=True,
     )
 
 
@@ -296,6 +302,7 @@ def only_contract_503_in_faults(records: list[Record], facts: Facts) -> Row:
         "within the fault windows only the contract's 503",
         not wrong and bool(facts.windows),
         "; ".join(parts) + (f" ({dict(kinds)})" if kinds else ""),
+        timed=True,
     )
 
 
@@ -319,6 +326,7 @@ def ip_limit_across_replicas(records: list[Record], facts: Facts) -> Row:
         allowed <= bound and len(replicas) > 1 and allowed < len(burst),
         f"{len(burst)} logins from one address over {len(replicas)} replicas in {span:.1f} s: {allowed} let "
         f"through (bound {bound} = {capacity} + refill), {len(burst) - allowed} got 429",
+        timed=True,
     )
 
 

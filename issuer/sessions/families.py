@@ -189,7 +189,7 @@ class RefreshFamilies:
             return None
         async with self._db.transaction() as tx:
             found = await sessions.revoke_by_token(tx, token.hash, now, reason, route=token.user_id)
-            if found is not None and found.now:
+            if found is not None and found.by_this_call:
                 await record.session_revoked(
                     tx, user_id=found.user_id, session_id=found.family_id, now=now, reason=reason
                 )
@@ -216,7 +216,7 @@ class RefreshFamilies:
             raise NotFound("No such session.") from None
         async with self._db.transaction() as tx:
             found = await sessions.revoke_own(tx, user_id, family_id, now, reason)
-            if found is not None and found.now:
+            if found is not None and found.by_this_call:
                 await record.session_revoked(tx, user_id=user_id, session_id=family_id, now=now, reason=reason)
         if found is None:
             raise NotFound("No such session.")

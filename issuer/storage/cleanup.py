@@ -55,7 +55,7 @@ class CleanupReport:
     tokens: int
     families: int
     login_failures: int
-    events: int = 0
+    events: int
 
 
 async def cleanup(

@@ -268,10 +268,10 @@ class Database:
         self._size = size
         # Requests waiting for a connection are served first come, first served. asyncpg's pool queue is not
         # fair: a released connection wakes the oldest waiter, but a request that asks before that waiter runs
-        # takes it, and the waiter goes to the back of the line. Under load (32 requests in flight on 10
-        # connections) some lost that race again and again: the 1-worker refresh's p99 in make bench
-        # (docs/performance.md). A semaphore with one permit per connection hands each released permit to its
-        # oldest waiter (asyncio.Semaphore is FIFO since Python 3.11.1), so the pool's own queue never waits.
+        # takes it, and the waiter goes to the back of the line; under load some lost that race again and
+        # again (the refresh's p99: docs/performance.md). A semaphore with one permit per connection hands each
+        # released permit to its oldest waiter (asyncio.Semaphore is FIFO since Python 3.11.1), so the pool's
+        # own queue never waits.
         self._turns = asyncio.Semaphore(size)
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()

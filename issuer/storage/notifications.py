@@ -89,7 +89,6 @@ class Listener:
                     "LISTEN connection lost (%s: %s); polling until it is back",
                     type(exc).__name__,
                     exc,
-                    extra={"event": "listen_lost"},
                 )
             self._connected.clear()
             if self._established:

@@ -337,11 +337,11 @@ async def revoke(db: Executor, family_id: str, now: datetime, reason: str) -> bo
 
 @dataclass(frozen=True)
 class Revoked:
-    """A family found by a revoking statement; ``now`` is False when it had already ended before."""
+    """A family found by a revoking statement; ``by_this_call`` is False when it had been revoked before."""
 
     family_id: str
     user_id: str
-    now: bool
+    by_this_call: bool
 
 
 async def revoke_by_token(

@@ -15,7 +15,8 @@ Answers (the bodies in the contract's ``{"error", "error_description"}`` shape, 
   ``X-Auth-Token-Version``, ``X-Auth-Scope`` (a header is absent when the token lacks the claim);
 - 401 ``invalid_token`` with the RFC 6750 challenge (a bare ``WWW-Authenticate: Bearer`` without credentials);
 - 403 ``insufficient_scope`` when the token's role is not one the path or ``--require-role`` asks for;
-- 503 ``temporarily_unavailable`` with ``Retry-After`` when there are no usable keys.
+- 503 ``temporarily_unavailable`` with ``Retry-After`` when there are no usable keys (or the revocation feed is
+  stale and ``--on-stale reject`` was chosen).
 
 Paths: ``/healthz`` (200 while the process lives), ``/readyz`` (200 when the verifier is ready: keys usable and,
 with feed credentials, the revocation feed synchronised once; else 503; ``verifier.status()`` as the body) and

@@ -113,7 +113,8 @@ class AccessTokenVerifier:
             events.bind(issuer=issuer, jwks=self.jwks, clock=clock, leeway=leeway)
 
     async def verify(self, token: str) -> AccessToken:
-        """The verified token, or a :class:`TokenError` (the token's fault) or :class:`KeysUnavailable`."""
+        """The verified token, or a :class:`TokenError` (the token's fault) or :class:`VerifierUnavailable` (no
+        usable keys, or a stale revocation feed under ``on_stale="reject"``)."""
         parsed = parse_token(token)
         kid = parsed.kid
         if kid is None:

@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from issuer.errors import InvalidGrant
 from issuer.http.throttle import SharedRateLimiter
-from issuer.sessions.families import token_hash
 from issuer.settings import Settings
 from issuer.storage.cleanup import cleanup
 from issuer.storage.database import Database
@@ -27,6 +26,7 @@ from issuer.storage.schema import families, login_failures, rate_buckets, refres
 from issuer.storage.users import User
 from tests.support.clock import FakeClock
 from tests.support.families import assert_single_chain
+from tests.support.families import sha256 as token_hash
 from tests.support.http import PASSWORD
 from tests.support.issuer import IssuerHarness, running_issuer, with_settings
 from tests.support.keys import Cli

@@ -527,9 +527,11 @@ async def test_revoke_by_token_finds_the_family_of_a_token_in_any_state(db: Data
     assert await sessions.rotate(db, session.token_hash, sha256(a_token()), NOW, NOW + HOUR)
 
     # The consumed first token still names its family.
-    revoked = sessions.Revoked(session.family.id, user.id, now=True)
+    revoked = sessions.Revoked(session.family.id, user.id, by_this_call=True)
     assert await sessions.revoke_by_token(db, session.token_hash, NOW + SECOND, "logout") == revoked
-    assert await sessions.revoke_by_token(db, session.token_hash, NOW + HOUR, "reuse") == replace(revoked, now=False)
+    assert await sessions.revoke_by_token(db, session.token_hash, NOW + HOUR, "reuse") == replace(
+        revoked, by_this_call=False
+    )
     assert await sessions.revoke_by_token(db, sha256(a_token()), NOW, "logout") is None
     row = await family_row(engine, session.family.id)
     assert (row.revoked_at, row.revoked_reason) == (NOW + SECOND, "logout")
@@ -548,13 +550,13 @@ async def test_revoke_own_never_touches_another_users_session(db: Database, engi
     assert await snapshot(engine) == before
 
     assert await sessions.revoke_own(db, alice.id, mine.family.id, NOW, "logout") == sessions.Revoked(
-        mine.family.id, alice.id, now=True
+        mine.family.id, alice.id, by_this_call=True
     )
     row = await family_row(engine, mine.family.id)
     assert (row.revoked_at, row.revoked_reason) == (NOW, "logout")
     # Already revoked: still the user's own (found, not revoked now), and the first revocation is kept.
     assert await sessions.revoke_own(db, alice.id, mine.family.id, NOW + HOUR, "other") == sessions.Revoked(
-        mine.family.id, alice.id, now=False
+        mine.family.id, alice.id, by_this_call=False
     )
     row = await family_row(engine, mine.family.id)
     assert (row.revoked_at, row.revoked_reason) == (NOW, "logout")
