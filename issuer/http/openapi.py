@@ -8,9 +8,7 @@ following (and it is fuzzed against the live issuer by tests/http/test_fuzz.py).
 
 from __future__ import annotations
 
-import base64
 import functools
-import hashlib
 import json
 from importlib import resources
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from issuer.http.caching import etag_matches, if_none_match, respond, strong_etag
 from issuer.services import Services
 
 PATH = "/openapi.json"
@@ -39,15 +38,7 @@ def rendered(issuer_url: str) -> tuple[bytes, str]:
     document = load_document()
     document["servers"] = [{"url": issuer_url}]
     body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-    digest = base64.urlsafe_b64encode(hashlib.sha256(body).digest()[:18]).decode().rstrip("=")
-    return body, f'"{digest}"'
-
-
-def _etag_matches(scope: Scope, etag: str) -> bool:
-    """If-None-Match (every header line, as one list; RFC 9110 section 13.1.2: weak comparison)."""
-    lines = [value.decode("latin-1") for name, value in scope["headers"] if name == b"if-none-match"]
-    candidates = {tag.strip().removeprefix("W/") for line in lines for tag in line.split(",")}
-    return "*" in candidates or etag in candidates
+    return body, strong_etag(body)
 
 
 class OpenAPIDocument:
@@ -56,14 +47,12 @@ class OpenAPIDocument:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services: Services = scope["state"]["services"]
         body, etag = rendered(services.settings.issuer_url)
-        cached = [(b"cache-control", CACHE_CONTROL.encode()), (b"etag", etag.encode())]
-        if _etag_matches(scope, etag):
-            await send({"type": "http.response.start", "status": 304, "headers": cached})
-            await send({"type": "http.response.body", "body": b""})
+        cached = ((b"cache-control", CACHE_CONTROL.encode()), (b"etag", etag.encode()))
+        if etag_matches(if_none_match(scope), etag):
+            await respond(send, scope, 304, b"", cached)
             return
-        headers = [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"), *cached]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        headers = ((b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"), *cached)
+        await respond(send, scope, 200, body, headers)
 
 
 routes = [Route(PATH, OpenAPIDocument(), methods=["GET"])]

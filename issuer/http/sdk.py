@@ -13,8 +13,6 @@ turns it on): a production issuer that fronts another product's own UI serves no
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib.resources import files
@@ -25,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from issuer.errors import NotFound
-from issuer.http.wellknown import _etag_matches as etag_matches
+from issuer.http.caching import etag_matches, if_none_match, strong_etag
 from issuer.services import Services
 
 SDK_PATH = "/sdk/auth-client.js"
@@ -62,8 +60,7 @@ def web_directory() -> Path:
 
 def _load(name: str, content_type: str) -> Asset:
     body = (web_directory() / name).read_bytes()
-    digest = base64.urlsafe_b64encode(hashlib.sha256(body).digest()[:18]).decode("ascii")
-    return Asset(body, content_type, f'"{digest}"')
+    return Asset(body, content_type, strong_etag(body))
 
 
 SDK = _load("auth-client.js", JS)
@@ -76,7 +73,7 @@ ACCOUNT_ASSETS = {
 
 def _answer(request: Request, asset: Asset, headers: dict[str, str]) -> Response:
     headers = {**headers, "ETag": asset.etag, "Cache-Control": CACHE_CONTROL}
-    if etag_matches(", ".join(request.headers.getlist("if-none-match")) or None, asset.etag):
+    if etag_matches(if_none_match(request.scope), asset.etag):
         return Response(status_code=304, headers=headers)
     return Response(asset.body, media_type=asset.content_type, headers=headers)
 

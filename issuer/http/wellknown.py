@@ -9,6 +9,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from issuer.http import oauth
+from issuer.http.caching import etag_matches, if_none_match, respond
 from issuer.keys.ring import JwksDocument
 from issuer.services import Services
 from issuer.settings import Settings
@@ -24,14 +25,14 @@ async def send_document(path: str, services: Services, metadata: bytes, scope: S
     """Answer GET or HEAD of one well-known document. The JWKS gets an ETag and a 304 on a matching
     If-None-Match."""
     if path != JWKS_PATH:
-        await _respond(send, scope, 200, metadata, _metadata_headers(metadata))
+        await respond(send, scope, 200, metadata, _metadata_headers(metadata))
         return
     document = services.keys.ring.jwks(services.clock())
     full, not_modified = _jwks_headers(document, services.keys.jwks_max_age(services.settings))
-    if _etag_matches(_if_none_match(scope), document.etag):
-        await _respond(send, scope, 304, b"", not_modified)
+    if etag_matches(if_none_match(scope), document.etag):
+        await respond(send, scope, 304, b"", not_modified)
     else:
-        await _respond(send, scope, 200, document.body, full)
+        await respond(send, scope, 200, document.body, full)
 
 
 @functools.lru_cache(maxsize=16)
@@ -44,13 +45,6 @@ def _jwks_headers(document: JwksDocument, max_age: int) -> tuple[Headers, Header
 @functools.lru_cache(maxsize=4)
 def _metadata_headers(body: bytes) -> Headers:
     return _headers(body, METADATA_CACHE_CONTROL.encode())
-
-
-def _etag_matches(header: str | None, etag: str) -> bool:
-    if header is None:
-        return False
-    candidates = {tag.strip().removeprefix("W/") for tag in header.split(",")}
-    return "*" in candidates or etag in candidates
 
 
 def metadata_document(settings: Settings) -> bytes:
@@ -98,15 +92,3 @@ def _headers(body: bytes, cache_control: bytes, etag: bytes | None = None) -> He
         (b"cache-control", cache_control),
     )
     return headers if etag is None else (*headers, (b"etag", etag))
-
-
-def _if_none_match(scope: Scope) -> str | None:
-    """Every If-None-Match line, joined as one list (RFC 9110 section 5.3)."""
-    values = [value.decode("latin-1") for name, value in scope["headers"] if name == b"if-none-match"]
-    return ", ".join(values) if values else None
-
-
-async def _respond(send: Send, scope: Scope, status: int, body: bytes, headers: Headers) -> None:
-    # A fresh list per response: the middleware outside appends its own headers to it.
-    await send({"type": "http.response.start", "status": status, "headers": list(headers)})
-    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
