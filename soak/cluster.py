@@ -36,6 +36,7 @@ import asyncpg
 import httpx
 
 from tests.pooler.pgbouncer import PgBouncer, configuration, pgbouncer_binary
+from tests.support.net import free_port
 
 ADMIN_DSN_ENV = "SOAK_ADMIN_DSN"
 LOCAL_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -56,13 +57,6 @@ REPLICA_ENVIRONMENT = {
     "CLEANUP_INTERVAL": "0",
     "KEY_RELOAD_INTERVAL": "10",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def admin_dsn() -> str:

@@ -16,7 +16,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from tests.support.database import admin_dsn
+from tests.support.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_TIMEOUT = 600  # seconds; a first run without pip's cache downloads the server's dependencies
@@ -159,12 +159,6 @@ def test_wheel_carries_every_module_and_the_migrations(installed: Installed) -> 
     assert not [name for name in names if name.startswith("migrations/")], "migrations/ must not be a top-level package"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_ready(server: subprocess.Popen[bytes], url: str, log: Path) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -181,7 +175,7 @@ def test_installed_issuer_migrates_lists_keys_and_serves(
     database: str, installed: Installed, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     outside = tmp_path_factory.mktemp("outside")  # the working directory: not the checkout
-    port = _free_port()
+    port = free_port()
     issuer = str(installed.bin / "issuer")
     env = {
         "PATH": f"{installed.bin}{os.pathsep}/usr/local/bin{os.pathsep}/usr/bin{os.pathsep}/bin",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,7 +24,7 @@ from issuer.settings import Settings
 from issuer.storage import users
 from tests.support.clock import FakeClock
 from tests.support.http import assert_invalid_token, login, me, register
-from tests.support.issuer import IssuerHarness, running_issuer, with_settings
+from tests.support.issuer import IssuerHarness, running_issuer, with_settings, without_listen
 from tests.support.jwt import jwt_claims, rsa_signed, token_kid
 from tests.support.keys import jwks_kids
 
@@ -33,19 +32,10 @@ HOUR = 3600
 FLOOD = 40
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound once to pick it, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def deaf(settings: Settings) -> Settings:
     """A replica that hears of key changes only through its own reloads: no LISTEN, an hourly reload."""
     return with_settings(
-        settings,
-        database_listen_url=f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere",
+        without_listen(settings),
         key_reload_interval=HOUR,
         key_publish_lead=2 * HOUR,
         jwks_max_age=60,

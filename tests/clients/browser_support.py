@@ -16,7 +16,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import httpx
 
 from issuer.storage.migrations import upgrade
 from tests.support.database import admin_dsn
+from tests.support.net import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -64,12 +64,6 @@ def chromium_path() -> str:
             subprocess.run([apt, "update", "-qq"], check=True)  # noqa: S603 - fixed arguments
             subprocess.run([apt, "install", "-y", "-qq", "chromium"], check=True)  # noqa: S603
     return str(CHROMIUM)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _blocking(coro: Coroutine[Any, Any, None]) -> None:

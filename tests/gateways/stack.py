@@ -20,7 +20,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.database import admin_dsn
 from tests.support.jwt import kid_of, rsa_signed
+from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "gateways"
@@ -64,13 +64,6 @@ ISSUER_ENV = {
 MEASURED: list[str] = []
 BINARIES = {"nginx": "/usr/sbin/nginx", "caddy": "/usr/bin/caddy", "apache": "/usr/sbin/apache2"}
 OPENIDC = Path("/usr/lib/apache2/modules/mod_auth_openidc.so")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def missing_packages() -> list[str]:

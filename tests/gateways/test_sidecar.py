@@ -27,7 +27,6 @@ from tests.support.verifier import (
     FakeFeed,
     FakeIssuer,
     account_purged,
-    eventually,
     feed_error,
     feed_verifier_for,
     mint,
@@ -35,6 +34,7 @@ from tests.support.verifier import (
     verifier_for,
     version_raised,
 )
+from tests.support.waiting import eventually
 from tests.verifier._forgeries import IN_A_HEADER, Attack, Forge, forge_for
 
 

@@ -4,7 +4,6 @@ reload interval an hour long, only the notification can have delivered them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from sqlalchemy import text
 
@@ -14,15 +13,9 @@ from tests.support.http import bearer, login, me, register
 from tests.support.issuer import IssuerHarness, running_issuer, with_settings, without_listen
 from tests.support.jwt import token_kid
 from tests.support.keys import Cli, jwks_kids, replicas
+from tests.support.waiting import eventually
 
 HOUR = 3600
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    """Poll ``check`` until it holds; fail after ``within`` seconds (a bound on a hang, not a speed target)."""
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 (the state is in another replica, not an Event here)
-            await asyncio.sleep(0.02)
 
 
 async def listening(*instances: IssuerHarness) -> None:

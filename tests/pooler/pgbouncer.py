@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from tests.support.net import free_port
+
 START_TIMEOUT = 10.0  # seconds for PgBouncer to listen
 INSTALL_TIMEOUT = 600.0  # seconds for apt-get
 # Server connections per database/user pair: fewer than the issuer's pool, so client connections share them.
@@ -79,13 +81,6 @@ def _installed() -> str:
     raise RuntimeError("apt-get installed pgbouncer, but no pgbouncer executable was found")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _quote(value: str) -> str:
     return '"' + value.replace('"', '""') + '"'
 
@@ -129,7 +124,7 @@ def running_pgbouncer(admin_dsn: str, database: str) -> Iterator[PgBouncer]:
     binary = pgbouncer_binary()
     directory = Path(tempfile.mkdtemp(prefix="issuer-pgbouncer-"))
     directory.chmod(0o755)  # as root, PgBouncer drops to `nobody`, which must read its files
-    port = _free_port()
+    port = free_port()
     config = directory / "pgbouncer.ini"
     config.write_text(configuration(admin_dsn, database, port, directory))
     for path in directory.iterdir():

@@ -349,13 +349,6 @@ def feed_verifier_for(
     )
 
 
-async def eventually(condition: Callable[[], bool], within: float = 10.0) -> None:
-    """Wait until ``condition()`` holds (checked every few ms); fail after ``within`` seconds. Asserts no duration."""
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110  # conditions on plain state, which no Event announces
-            await asyncio.sleep(0.005)
-
-
 async def revoked(verifier: AccessTokenVerifier, token: str) -> bool:
     """True when ``verifier`` refuses ``token`` as revoked; False when it accepts it (other errors propagate)."""
     try:

@@ -41,7 +41,6 @@ from tests.support.verifier import (
     FakeIssuer,
     Sleeps,
     account_purged,
-    eventually,
     feed_error,
     feed_verifier_for,
     mint,
@@ -51,6 +50,7 @@ from tests.support.verifier import (
     verifier_for,
     version_raised,
 )
+from tests.support.waiting import eventually
 
 LIFETIME, LEEWAY, MARGIN = 900, 5, 60
 
