@@ -9,6 +9,7 @@ An unknown client address (no peer, an untrusted proxy's garbage) never counts a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 
@@ -17,8 +18,10 @@ from issuer.storage.sessions import Use
 OFF, AUDIT, REJECT = "off", "audit", "reject"
 
 
-def network(ip: str | None) -> str | None:
-    """The /24 (IPv4) or /64 (IPv6) an address belongs to; IPv4-mapped IPv6 counts as IPv4."""
+@functools.lru_cache(maxsize=65536)
+def network(ip: str | None) -> tuple[int, int] | None:
+    """The /24 (IPv4) or /64 (IPv6) an address belongs to, as (version, prefix); IPv4-mapped IPv6 counts as
+    IPv4. Cached: a session's few addresses come back on every refresh."""
     if ip is None:
         return None
     try:
@@ -27,15 +30,14 @@ def network(ip: str | None) -> str | None:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    prefix = 24 if isinstance(address, ipaddress.IPv4Address) else 64
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+    if isinstance(address, ipaddress.IPv4Address):
+        return 4, int(address) >> 8
+    return 6, int(address) >> 64
 
 
 def suspicious(ip: str | None, user_agent: str | None, recent: Sequence[Use]) -> bool:
     """True when ``ip``'s network and ``user_agent`` both differ from every recent use of the session."""
+    if not recent or any(use.user_agent == user_agent for use in recent):
+        return False  # the usual refresh: the same browser (checked first: it costs no address parsing)
     here = network(ip)
-    if here is None or not recent:
-        return False
-    networks = {network(use.ip) for use in recent}
-    agents = {use.user_agent for use in recent}
-    return here not in networks and user_agent not in agents
+    return here is not None and all(network(use.ip) != here for use in recent)

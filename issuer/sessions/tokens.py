@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -42,13 +43,19 @@ def parse(text: str) -> RefreshToken | None:
     if match is None:
         return None
     route = match.group("route")
-    user_id = None
-    if route is not None:
-        try:
-            user_id = str(uuid.UUID(bytes=base64.urlsafe_b64decode(route + "==")))
-        except (binascii.Error, ValueError):
-            return None
+    user_id = None if route is None else _user_of(route)
+    if route is not None and user_id is None:
+        return None
     return RefreshToken(text, hashlib.sha256(text.encode("ascii")).digest(), user_id)
+
+
+@functools.lru_cache(maxsize=65536)
+def _user_of(route: str) -> str | None:
+    """The user id a route encodes (a user refreshes every few minutes: cached)."""
+    try:
+        return str(uuid.UUID(bytes=base64.urlsafe_b64decode(route + "==")))
+    except (binascii.Error, ValueError):
+        return None
 
 
 def new(user_id: str) -> RefreshToken:
@@ -62,9 +69,8 @@ def successor(presented: RefreshToken, key: bytes) -> RefreshToken:
     random, so that a benign repeat inside the reuse grace gets the same successor (issuer.sessions.families)."""
     mac = hmac.new(key, b"refresh-successor\x00" + presented.text.encode("ascii"), hashlib.sha256).digest()
     route = presented.text[:ROUTE_LENGTH] if presented.user_id is not None else ""
-    token = parse(route + base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii"))
-    assert token is not None
-    return token
+    text = route + base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+    return RefreshToken(text, hashlib.sha256(text.encode("ascii")).digest(), presented.user_id)
 
 
 def _route(user_id: str) -> str:
