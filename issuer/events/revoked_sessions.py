@@ -11,7 +11,6 @@ lookup, with no extra round trip. While the LISTEN connection is down, the event
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,6 +20,7 @@ from issuer.events.feed import event_retention
 from issuer.settings import Settings
 from issuer.storage import events, notifications
 from issuer.storage.database import Database
+from issuer.tasks import cancelled
 from issuer.verifier.revocations import RevocationState, SessionRevoked
 
 log = logging.getLogger("issuer")
@@ -84,11 +84,8 @@ class RevokedSessions:
         self._task = asyncio.create_task(self._run(), name="issuer-revoked-sessions")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancelled(task)
 
     async def _run(self) -> None:
         while True:

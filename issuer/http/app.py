@@ -36,6 +36,7 @@ from issuer.services import Services
 from issuer.settings import Settings
 from issuer.storage.cleanup import cleanup
 from issuer.storage.database import ConstraintViolation, DatabaseUnavailable, describe
+from issuer.tasks import cancelled
 
 log = logging.getLogger("issuer")
 
@@ -93,10 +94,7 @@ def create_app(
                 _freeze_startup_heap()
             yield {"services": services, "metadata": wellknown.metadata_document(settings)}
         finally:
-            if cleaner is not None:
-                cleaner.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await cleaner
+            await cancelled(cleaner)
             await services.close()
 
     middleware = [Middleware(ResponseHeaders)]

@@ -9,7 +9,6 @@ rows, re-plan, and write; the unique ``generation`` makes a concurrent second wr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,6 +25,7 @@ from issuer.keys.ring import KeyRing, LoadedKey
 from issuer.settings import Settings
 from issuer.storage import notifications, signing_keys
 from issuer.storage.database import Database
+from issuer.tasks import cancelled
 
 log = logging.getLogger("issuer.keys")
 
@@ -221,11 +221,8 @@ class KeyManager:
         self._task = asyncio.create_task(self._background(), name="issuer-keys")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancelled(task)
 
     def changed(self, _payload: str | None = None) -> None:
         """Another process changed the keys (a LISTEN notification): reload now, not at the next interval."""

@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 
 from issuer.storage.database import CONNECT_TIMEOUT, behind_pooler, connect_arguments
+from issuer.tasks import cancelled
 
 log = logging.getLogger("issuer.storage")
 
@@ -66,11 +67,8 @@ class Listener:
         await self._connected.wait()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancelled(task)
 
     async def _run(self) -> None:
         backoff = MIN_BACKOFF

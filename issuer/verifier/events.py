@@ -38,7 +38,6 @@ most until it expires (``token_lifetime``), which is exactly the guarantee witho
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import json
 import logging
@@ -53,6 +52,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
+from issuer.tasks import cancelled
 from issuer.verifier.errors import InvalidClaims, KeysUnavailable, RevocationsUnavailable, Revoked, UnknownKey
 from issuer.verifier.jwks import METADATA_PATH, JWKSCache
 from issuer.verifier.revocations import Revocation, RevocationState
@@ -319,10 +319,7 @@ class RevocationFeed:
         """Stop the loop (an open long poll is cancelled) and close the HTTP client if the feed created it."""
         self._closed = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(task)
         if self._owns_http and self._http is not None:
             await self._http.aclose()
             self._http = None

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import math
@@ -42,6 +41,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 from joserfc.jwk import RSAKey
 
+from issuer.tasks import cancelled
 from issuer.verifier.errors import KeysUnavailable, UnknownKey
 
 log = logging.getLogger("issuer.verifier")
@@ -211,10 +211,7 @@ class JWKSCache:
         """Stop a fetch in flight and close the HTTP client if this cache created it. Idempotent."""
         self._closed = True
         task, self._inflight = self._inflight, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(task)
         if self._owns_http and self._http is not None:
             await self._http.aclose()
             self._http = None
