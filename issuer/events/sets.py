@@ -18,9 +18,11 @@ from joserfc import jwt
 from issuer.keys.ring import LoadedKey
 from issuer.storage.events import ACCOUNT_PURGED, SESSION_REVOKED, USER_REVOKED, Event
 
-SESSION_REVOKED_TYPE = "https://schemas.openid.net/secevent/caep/event-type/session-revoked"
-ACCOUNT_PURGED_TYPE = "https://schemas.openid.net/secevent/risc/event-type/account-purged"
-TYP = "secevent+jwt"
+# The event types and typ the verifier checks (issuer.verifier.sets), written once.
+from issuer.verifier.sets import ACCOUNT_PURGED as ACCOUNT_PURGED_URI
+from issuer.verifier.sets import SESSION_REVOKED as SESSION_REVOKED_URI
+from issuer.verifier.sets import SET_TYP
+
 CACHE_SIZE = 20_000
 
 
@@ -35,14 +37,14 @@ def claims(event: Event, *, issuer: str, audience: str) -> dict[str, Any]:
             "user": user,
             "session": {"format": "opaque", "id": event.session_id},
         }
-        events = {SESSION_REVOKED_TYPE: body}
+        events = {SESSION_REVOKED_URI: body}
     elif event.kind == USER_REVOKED:
         assert event.token_version is not None
         subject = user
-        events = {SESSION_REVOKED_TYPE: {**body, "token_version": event.token_version}}
+        events = {SESSION_REVOKED_URI: {**body, "token_version": event.token_version}}
     elif event.kind == ACCOUNT_PURGED:
         subject = user
-        events = {ACCOUNT_PURGED_TYPE: body}
+        events = {ACCOUNT_PURGED_URI: body}
     else:
         raise ValueError(f"unknown event kind {event.kind!r}")
     return {
@@ -79,7 +81,7 @@ class SetSigner:
             self._signed.move_to_end(cache_key)
             return signed
         body = claims(event, issuer=self._issuer, audience=audience)
-        header = {"alg": "RS256", "typ": TYP, "kid": key.record.kid}
+        header = {"alg": "RS256", "typ": SET_TYP, "kid": key.record.kid}
         signed = (body["jti"], jwt.encode(header, body, key.signing_key, algorithms=["RS256"]))
         self._signed[cache_key] = signed
         if len(self._signed) > self._size:

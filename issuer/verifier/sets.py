@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -27,14 +26,16 @@ from joserfc.jwk import RSAKey
 
 from issuer.verifier.revocations import AccountPurged, Revocation, SessionRevoked, TokenVersionRaised
 
+# The same header rules as access tokens (issuer.verifier.verify), with the SET's own typ.
+from issuer.verifier.verify import ALLOWED_ALGORITHMS, COMPACT_JWS, REFUSED_HEADER_PARAMETERS
+
 SESSION_REVOKED = "https://schemas.openid.net/secevent/caep/event-type/session-revoked"
 ACCOUNT_PURGED = "https://schemas.openid.net/secevent/risc/event-type/account-purged"
-SET_TYPES = frozenset({"secevent+jwt", "application/secevent+jwt"})
-ALLOWED_ALGORITHMS = ("RS256",)
-REFUSED_HEADER_PARAMETERS = frozenset({"crit", "jku", "x5u", "jwk", "x5c", "b64"})
+# The media type RFC 8417 registers, as issuer.events.sets writes it.
+SET_TYP = "secevent+jwt"
+SET_TYPES = frozenset({SET_TYP, f"application/{SET_TYP}"})
 MAX_SET_LENGTH = 16 * 1024
 MAX_ID_LENGTH = 512
-_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 class SETRefused(Exception):
@@ -56,7 +57,7 @@ class ParsedSET:
 
 def parse_set(token: object) -> ParsedSET:
     """Split the SET and check its header. Touches no key."""
-    if not isinstance(token, str) or len(token) > MAX_SET_LENGTH or not _COMPACT.fullmatch(token):
+    if not isinstance(token, str) or len(token) > MAX_SET_LENGTH or not COMPACT_JWS.fullmatch(token):
         raise SETRefused("malformed", "not a compact JWS")
     try:
         header = jws.extract_compact(token.encode("ascii")).headers()

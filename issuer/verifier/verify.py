@@ -46,7 +46,8 @@ MAX_TOKEN_LENGTH = 8192
 REFUSED_HEADER_PARAMETERS = frozenset({"crit", "jku", "x5u", "jwk", "x5c", "b64"})
 
 # Three base64url segments and nothing else (no padding, whitespace or non-ASCII): one spelling per token.
-_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# A JWS in compact serialization: three base64url segments, the signature possibly empty (then refused later).
+COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 # RS256 (RFC 7518 section 3.3), the only algorithm parse_token lets through.
 _RS256_PADDING = padding.PKCS1v15()
 _RS256_HASH = hashes.SHA256()
@@ -84,7 +85,7 @@ def parse_token(token: str) -> ParsedToken:
 
     Touches no key: an ``alg`` of ``none`` or ``HS256`` is refused here, before anyone looks a key up.
     """
-    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not _COMPACT.fullmatch(token):
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not COMPACT_JWS.fullmatch(token):
         raise MalformedToken()
     try:
         compact = jws.extract_compact(token.encode("ascii"))
