@@ -32,23 +32,35 @@ function done(summary, latency, requests)
     table.concat(pairs, ',')))
 end
 """
-# Each connection's refresh token is one-time: a queue of live tokens, refilled with each successor.
-REFRESH = r"""
+
+
+def refresh_script(path: str, field: str, exhausted: str = "exhausted") -> str:
+    """A wrk script for a refresh endpoint whose one-time token travels in the JSON member ``field``: a queue
+    of live tokens (the file given to wrk), refilled with each answer's successor. Once the queue runs dry it
+    sends ``exhausted``, which the server refuses."""
+    return (
+        r"""
 local queue, first, last = {}, 1, 0
 function init(args)
   for line in io.lines(args[1]) do last = last + 1; queue[last] = line end
 end
 function request()
-  local token = "exhausted-token-exhausted-token-exhausted-to"
+  local token = "EXHAUSTED"
   if first <= last then token = queue[first]; queue[first] = nil; first = first + 1 end
-  return wrk.format("POST", "/auth/refresh", {["Content-Type"] = "application/json"},
-                    '{"refresh_token":"' .. token .. '"}')
+  return wrk.format("POST", "PATH", {["Content-Type"] = "application/json"},
+                    '{"FIELD":"' .. token .. '"}')
 end
 function response(status, headers, body)
-  local token = body:match('"refresh_token"%s*:%s*"([^"]+)"')
+  local token = body:match('"FIELD"%s*:%s*"([^"]+)"')
   if token then last = last + 1; queue[last] = token end
 end
-"""
+""".replace("EXHAUSTED", exhausted)
+        .replace("PATH", path)
+        .replace("FIELD", field)
+    )
+
+
+REFRESH = refresh_script("/auth/refresh", "refresh_token", "exhausted-token-exhausted-token-exhausted-to")
 
 # Login bodies of several accounts in turn: parallel logins of one account would trip its lock-out.
 LOGIN = r"""

@@ -34,23 +34,8 @@ THREADS = 8
 FIGURE = "simplejwt refresh (1 worker)"
 WHAT = f"djangorestframework-simplejwt refresh (rotate + blacklist, RS256), gunicorn 1 worker, gthread x{THREADS}"
 
-# Each connection's refresh token is one-time: a queue of live tokens, refilled with each successor.
-REFRESH = r"""
-local queue, first, last = {}, 1, 0
-function init(args)
-  for line in io.lines(args[1]) do last = last + 1; queue[last] = line end
-end
-function request()
-  local token = "exhausted"
-  if first <= last then token = queue[first]; queue[first] = nil; first = first + 1 end
-  return wrk.format("POST", "/api/token/refresh/", {["Content-Type"] = "application/json"},
-                    '{"refresh":"' .. token .. '"}')
-end
-function response(status, headers, body)
-  local token = body:match('"refresh"%s*:%s*"([^"]+)"')
-  if token then last = last + 1; queue[last] = token end
-end
-"""
+# The same refresh chain as the issuer's (bench/wrk.py), on simplejwt's path and field names.
+REFRESH = wrk.refresh_script("/api/token/refresh/", "refresh")
 
 
 def installed() -> bool:
